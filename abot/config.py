@@ -1,0 +1,266 @@
+"""Typed configuration: the guide's `model`, `data` and `train` sections, loaded from YAML and checked.
+
+Every key of the configuration guide is here with its meaning; keys abot adds (registry choices,
+seed, ...) have defaults that keep the guide's YAMLs valid unchanged. See README "Configuration".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from abot.errors import ConfigError
+
+PRECISIONS = ("float32", "bfloat16", "float16")
+ACTIVATIONS = ("silu", "gelu")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "transformer"  # registered model (abot list models)
+    vocab_size: int = 32000  # must match the tokenizer's vocabulary
+    n_layers: int = 12
+    d_model: int = 768
+    n_heads: int = 12  # d_model must be divisible by n_heads
+    mlp_multiple: float = 4.0  # MLP hidden size = mlp_multiple * d_model
+    dropout: float = 0.1
+    max_seq_len: int = 4096  # longest sequence RoPE and generation support
+    rope_theta: float = 10000.0
+    ffn_activation: str = "silu"  # "silu" (SwiGLU) or "gelu" (GELU MLP)
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    tie_embeddings: bool = True
+
+
+@dataclass
+class DataConfig:
+    source: str = "huggingface"  # registered data source (abot list datasets)
+    source_args: dict = field(default_factory=dict)  # extra options for the source
+    dataset: str = "allenai/c4"  # Hugging Face dataset name, or a loader ("json", "text", "parquet") with data_files
+    config: Union[str, None] = None  # dataset config, e.g. "en" for allenai/c4
+    split: str = "train"
+    text_field: str = "text"
+    data_files: Union[str, list, None] = None  # local files/globs for load_dataset(dataset, data_files=...)
+    eval_split: Union[str, None] = None  # held-out split; null carves eval_fraction of documents off
+    eval_fraction: float = 0.01
+    seq_len: int = 2048
+    shuffle_buffer: int = 1000  # windows held in the streaming shuffle buffer
+    num_workers: int = 2  # tokenizer threads
+    cache_dir: Union[str, None] = None  # Hugging Face cache directory
+    streaming: bool = True
+
+
+@dataclass
+class TrainConfig:
+    total_steps: int = 50000
+    micro_batch_size: int = 1
+    grad_accum_steps: int = 4
+    lr: float = 3e-4  # peak learning rate (shared by the Muon and AdamW groups, see README)
+    min_lr: float = 3e-5
+    warmup_steps: int = 1000
+    weight_decay: float = 0.02  # decoupled
+    max_grad_norm: float = 1.0  # 0 turns clipping off
+    log_interval: int = 25
+    eval_interval: int = 500
+    eval_steps: int = 20  # micro-batches per evaluation
+    ckpt_interval: int = 2000
+    ckpt_keep: int = 3
+    log_path: Union[str, None] = None  # default: save_dir/logs
+    save_dir: str = "checkpoints/pretrain"
+    precision: str = "float32"  # "float32", "bfloat16" or "float16"; master weights stay float32
+    compile: bool = True  # mx.compile the train step
+    gradient_checkpointing: bool = True
+    tokenizer_path: str = "data/tokenizer.model"
+    checkpoint_path: Union[str, None] = None  # resume from this checkpoint
+    optimizer: str = "muon_adamw"  # registered optimizer (abot list optimizers)
+    optimizer_args: dict = field(default_factory=dict)
+    momentum: Union[float, None] = None  # Muon momentum (0.90 / 0.95 / 0.97); null: the optimizer's default
+    schedule: str = "cosine"  # registered schedule (abot list schedules)
+    schedule_args: dict = field(default_factory=dict)
+    seed: int = 0
+    max_nonfinite_steps: int = 20  # consecutive skipped (non-finite) steps before the run stops
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+
+
+def _suggest(name: str, options) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1)
+    return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(options)}"
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp`; numbers written like `3e-4` (strings to PyYAML) become floats."""
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as err:
+                errors.append(err)
+        raise errors[0]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                out = float(value)
+            except ValueError:
+                pass
+            else:
+                if math.isfinite(out):
+                    return out
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is dict:
+        if isinstance(value, dict):
+            return value
+    elif tp is list:
+        if isinstance(value, list):
+            return value
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping",
+             list: "a list"}
+    raise ConfigError(f"{where}: expected {names.get(tp, tp)}, got {value!r}")
+
+
+def _build_section(cls, raw: Any, where: str):
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in hints:
+            raise ConfigError(f"{where}.{key}: unknown key{_suggest(str(key), hints)}")
+        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any, where: str) -> None:
+    parts = dotted.split(".")
+    if len(parts) < 2 or parts[0] not in SECTIONS:
+        raise ConfigError(f"{where}: override '{dotted}' must look like section.key=value "
+                          f"(sections: {', '.join(SECTIONS)}){_suggest(parts[0], SECTIONS)}")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{where}: override '{dotted}': '{part}' is not a mapping")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """`train.total_steps=20` -> ("train.total_steps", 20); values are read as YAML."""
+    out = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}': expected section.key=value, e.g. train.total_steps=20")
+        key, _, text = item.partition("=")
+        try:
+            value = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError:
+            value = text
+        out.append((key.strip(), value))
+    return out
+
+
+def config_from_dict(raw: Any, where: str = "config", overrides: list[str] = ()) -> Config:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: the top level must be a mapping with sections model, data, train")
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for key, value in parse_overrides(list(overrides)):
+        _set_dotted(raw, key, value, f"{where} (command line)")
+    for key in raw:
+        if key not in SECTIONS:
+            raise ConfigError(f"{where}: unknown section '{key}'{_suggest(str(key), SECTIONS)}")
+    cfg = Config(**{name: _build_section(cls, raw.get(name), f"{where}: {name}") for name, cls in SECTIONS.items()})
+    validate(cfg, where)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Read a YAML config, apply dotted `section.key=value` overrides, check types and cross-field rules."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder; give the path of a YAML config file")
+    if not path.exists():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file; give a YAML config") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(f"{path}: invalid YAML{line}: {getattr(err, 'problem', err)}") from None
+    return config_from_dict(raw, str(path), overrides)
+
+
+def validate(cfg: Config, where: str = "config") -> None:
+    """Cross-field rules that single types cannot express."""
+    m, d, t = cfg.model, cfg.data, cfg.train
+    errors = []
+    positive = [("model.vocab_size", m.vocab_size), ("model.n_layers", m.n_layers), ("model.d_model", m.d_model),
+                ("model.n_heads", m.n_heads), ("model.max_seq_len", m.max_seq_len), ("data.seq_len", d.seq_len),
+                ("train.micro_batch_size", t.micro_batch_size), ("train.grad_accum_steps", t.grad_accum_steps),
+                ("train.log_interval", t.log_interval), ("train.eval_interval", t.eval_interval),
+                ("train.ckpt_interval", t.ckpt_interval), ("train.ckpt_keep", t.ckpt_keep),
+                ("model.mlp_multiple", m.mlp_multiple), ("model.rope_theta", m.rope_theta)]
+    errors += [f"{k} must be positive, got {v}" for k, v in positive if v <= 0]
+    if m.n_heads > 0 and m.d_model % m.n_heads:
+        errors.append(f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})")
+    elif m.n_heads > 0 and (m.d_model // m.n_heads) % 2:
+        errors.append(f"model.d_model / model.n_heads = {m.d_model // m.n_heads} must be even for RoPE")
+    if d.seq_len > m.max_seq_len:
+        errors.append(f"data.seq_len ({d.seq_len}) must be <= model.max_seq_len ({m.max_seq_len})")
+    if m.ffn_activation not in ACTIVATIONS:
+        errors.append(f"model.ffn_activation '{m.ffn_activation}' is not one of {', '.join(ACTIVATIONS)}")
+    if t.precision not in PRECISIONS:
+        errors.append(f"train.precision '{t.precision}' is not one of {', '.join(PRECISIONS)}")
+    if not 0.0 <= m.dropout < 1.0:
+        errors.append(f"model.dropout must be in [0, 1), got {m.dropout}")
+    if not 0.0 <= d.eval_fraction < 1.0:
+        errors.append(f"data.eval_fraction must be in [0, 1), got {d.eval_fraction}")
+    for k, v in [("train.total_steps", t.total_steps), ("train.warmup_steps", t.warmup_steps),
+                 ("train.max_grad_norm", t.max_grad_norm), ("train.weight_decay", t.weight_decay),
+                 ("train.lr", t.lr), ("train.min_lr", t.min_lr), ("data.shuffle_buffer", d.shuffle_buffer),
+                 ("data.num_workers", d.num_workers), ("train.eval_steps", t.eval_steps)]:
+        if v < 0:
+            errors.append(f"{k} must be >= 0, got {v}")
+    if t.min_lr > t.lr:
+        errors.append(f"train.min_lr ({t.min_lr}) must be <= train.lr ({t.lr})")
+    if errors:
+        head = f"{where}: " if len(errors) == 1 else f"{where}: {len(errors)} problems:\n  "
+        raise ConfigError(head + "\n  ".join(errors))

@@ -1,0 +1,257 @@
+"""Registered data sources: where the documents come from.
+
+The contract every source (built-in or plugin, registry kind `datasets`) follows:
+
+    source(data: DataConfig, split: str, seed: int, **source_args) -> Callable[[int], Iterable[str]]
+
+- `split` is "train" or "eval"; the source decides what each means for its data and guarantees that the
+  two never share a document.
+- `source_args` are the user's `data.source_args` from the YAML.
+- The returned callable takes an epoch number (0, 1, ...) and gives that pass's documents as strings.
+  For a given (seed, epoch) it must give the same documents in the same order every time it is called:
+  the batch pipeline resumes by replaying an epoch. Train may reorder per epoch; eval must not.
+- Configuration errors (a missing field, unreachable Hub, no files) raise AbotError when the source is
+  built, not later in the middle of training.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import socket
+import threading
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+from urllib.parse import urlparse
+
+from abot.config import DataConfig
+from abot.data.pipeline import buffer_shuffle, epoch_rng
+from abot.errors import AbotError
+
+Documents = Callable[[int], Iterable[str]]
+SOURCE_SPLITS = ("train", "eval")
+HUB_PROBE_TIMEOUT_S = 1.0
+
+# Loaders that ship inside `datasets` and read local files (data.dataset: json + data.data_files: ...).
+_FALLBACK_PACKAGED = frozenset({"json", "text", "parquet", "csv", "arrow", "pandas", "webdataset", "xml"})
+
+
+def _check_split(split: str) -> None:
+    if split not in SOURCE_SPLITS:
+        raise ValueError(f"a data source's split is 'train' or 'eval', got {split!r}")
+
+
+# --- the built-in offline corpus -----------------------------------------------------------------------
+
+def stdlib_docs(data: DataConfig, split: str, seed: int, shuffle_buffer: int = 1000) -> Documents:
+    """Docstrings of Python's standard library (offline, ~1.8 MB); eval is its held-out ~5% of modules."""
+    from abot.data.corpus import stdlib_docs_files
+
+    _check_split(split)
+    path = stdlib_docs_files()["train" if split == "train" else "validation"]
+    dataset = _load_dataset("json", "data.source: stdlib_docs", data_files=str(path), split="train",
+                            streaming=True)
+
+    def documents(epoch: int) -> Iterator[str]:
+        stream = dataset
+        if split == "train":
+            stream = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer)  # a new dataset object
+            stream.set_epoch(epoch)
+        for row in stream:
+            yield row["text"]
+
+    return documents
+
+
+# --- Hugging Face datasets: the Hub, local folders, or local files through a packaged loader ------------
+
+def huggingface(data: DataConfig, split: str, seed: int, doc_shuffle_buffer: int = 0) -> Documents:
+    """Any `datasets.load_dataset` source; eval is `data.eval_split`, or a deterministic carve of the train split.
+
+    `doc_shuffle_buffer` (source_args): documents held in a per-epoch shuffle buffer for train (0 = the
+    stored order; the batch pipeline's window shuffle still mixes nearby documents).
+    """
+    _check_split(split)
+    carve = data.eval_split is None  # eval = documents of data.split whose index hashes under eval_fraction
+    if split == "eval" and carve and data.eval_fraction <= 0:
+        raise AbotError("data.eval_fraction is 0 and data.eval_split is null, so no documents are held out "
+                        "for evaluation; set data.eval_fraction (e.g. 0.01) or data.eval_split")
+    hf_split = data.eval_split if (split == "eval" and not carve) else data.split
+    key = "data.split" if (split == "train" or carve) else "data.eval_split"
+    dataset = _open(data, hf_split, key)
+    first = next(iter(dataset), None)
+    if first is None:
+        raise AbotError(f"data.dataset '{data.dataset}' ({key}: {hf_split}) has no rows")
+    text_of(first, data.text_field, data.dataset)  # fail now on a wrong data.text_field
+
+    keep: Callable[[int], bool] = lambda i: True
+    if carve and data.eval_fraction > 0:
+        fraction = data.eval_fraction
+        keep = (lambda i: held_out(i, fraction)) if split == "eval" else (lambda i: not held_out(i, fraction))
+
+    def documents(epoch: int) -> Iterator[str]:
+        texts = (text_of(row, data.text_field, data.dataset) for i, row in enumerate(_rows(dataset, data))
+                 if keep(i))
+        texts = (t for t in texts if t)  # null or empty text: nothing to learn from
+        if split == "train" and doc_shuffle_buffer > 1:
+            texts = buffer_shuffle(texts, doc_shuffle_buffer, epoch_rng(seed, epoch))
+        yield from texts
+
+    return documents
+
+
+def held_out(index: int, fraction: float) -> bool:
+    """Whether document `index` of the train split belongs to the carved-off eval set (deterministic)."""
+    digest = hashlib.blake2b(index.to_bytes(8, "little"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64 < fraction
+
+
+def field_names(row: dict, prefix: str = "") -> list[str]:
+    """A row's fields, nested mappings as dotted names: ["meta", "meta.x", "text"]."""
+    names = []
+    for key, value in row.items():
+        names.append(prefix + str(key))
+        if isinstance(value, dict):
+            names.extend(field_names(value, f"{prefix}{key}."))
+    return names
+
+
+def text_of(row: dict, text_field: str, dataset: str = "the dataset") -> str | None:
+    """The text at `text_field` in `row` ("meta.x" walks nested mappings); AbotError naming the fields if absent."""
+    if text_field in row:
+        value = row[text_field]
+    else:
+        value = row
+        for part in text_field.split("."):
+            if not isinstance(value, dict) or part not in value:
+                raise AbotError(f"data.text_field: '{text_field}' is not a field of '{dataset}'; its fields "
+                                f"are: {', '.join(field_names(row))}")
+            value = value[part]
+    if value is None or isinstance(value, str):
+        return value
+    raise AbotError(f"data.text_field: '{text_field}' of '{dataset}' holds {type(value).__name__} values, "
+                    "not text; point it at a string field")
+
+
+def _rows(dataset, data: DataConfig) -> Iterator[dict]:
+    try:
+        yield from dataset
+    except ConnectionError as err:  # streaming from the Hub and the network went away
+        raise AbotError(f"data.dataset '{data.dataset}': lost the connection while streaming ({err})") from None
+
+
+def _packaged_loaders() -> frozenset[str]:
+    try:
+        from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES  # private, hence the fallback
+        return frozenset(_PACKAGED_DATASETS_MODULES)
+    except ImportError:
+        return _FALLBACK_PACKAGED
+
+
+_FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".txt", ".arrow", ".gz", ".zst", ".bz2", ".xz")
+
+
+def _looks_like_path(name: str) -> bool:
+    """A Hub name is "owner/name" or "name"; anything else that does not exist is a mistyped local path."""
+    return (name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+            or name.lower().endswith(_FILE_SUFFIXES))
+
+
+def _open(data: DataConfig, hf_split: str, split_key: str):
+    """`load_dataset` for the config, after the checks that turn slow or cryptic failures into AbotErrors."""
+    name = data.dataset
+    local = Path(name).expanduser()
+    if name in _packaged_loaders():
+        if not data.data_files:
+            raise AbotError(f"data.dataset: '{name}' reads local files; set data.data_files (e.g. path/*.jsonl)")
+        _check_data_files(data.data_files, Path.cwd())
+    elif local.exists():
+        name = str(local)
+        if data.data_files and local.is_dir():
+            _check_data_files(data.data_files, local)
+    elif _looks_like_path(name):
+        raise AbotError(f"data.dataset: '{name}' not found (a local path); fix the path, or give a Hugging Face "
+                        "dataset name such as allenai/c4")
+    else:
+        _check_hub_reachable(name)
+    return _load_dataset(name, "data.dataset", data.config, split=hf_split, streaming=data.streaming,
+                         cache_dir=data.cache_dir, data_files=data.data_files, split_key=split_key)
+
+
+def _check_data_files(data_files: Any, base: Path) -> None:
+    patterns = data_files.values() if isinstance(data_files, dict) else [data_files]
+    flat = [p for group in patterns for p in ([group] if isinstance(group, str) else group)]
+    for pattern in flat:
+        if "://" in str(pattern):
+            continue  # remote (hf://, s3://, https://): datasets resolves those
+        full = Path(pattern).expanduser()
+        full = full if full.is_absolute() else base / full
+        if not glob.glob(str(full), recursive=True):
+            raise AbotError(f"data.data_files: '{pattern}' matches no files (looked in {base}); fix the path or glob")
+
+
+def _load_dataset(name: str, key: str, *args, split_key: str = "data.split", **kwargs):
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, *args, **kwargs)
+    except ConnectionError as err:
+        raise AbotError(_hub_unreachable_message(name, str(err))) from None
+    except StopIteration:  # datasets 5.x: a data_files glob matching nothing surfaces as StopIteration
+        raise AbotError(f"{key} '{name}': data.data_files matches no files; fix the path or glob") from None
+    except ValueError as err:
+        if "split" in str(err).lower():
+            raise AbotError(f"{split_key}: {err}") from None
+        raise AbotError(f"{key} '{name}': {err}") from None
+    except FileNotFoundError as err:
+        raise AbotError(f"{key} '{name}': {err}") from None
+
+
+def _hub_unreachable_message(name: str, reason: str) -> str:
+    return (f"data.dataset '{name}': the Hugging Face Hub cannot be reached ({reason}). To train offline, point "
+            "at local files: `data.dataset: json` with `data.data_files: path/*.jsonl` (or parquet, csv, text), "
+            "or `data.dataset: path/to/folder` laid out like a Hub dataset (data/train-00000-of-00001.parquet). "
+            "A dataset downloaded before loads from the cache with HF_HUB_OFFLINE=1.")
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _check_hub_reachable(name: str) -> None:
+    """Fail in about a second, not after ~23 s of retries, when the Hub cannot be reached.
+
+    Offline mode (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE): no probe; `datasets` itself fails at once unless
+    the dataset is in the local cache. With a proxy configured a direct connection says nothing: no probe.
+    """
+    if _flag("HF_HUB_OFFLINE") or _flag("HF_DATASETS_OFFLINE"):
+        return
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host = endpoint.hostname or "huggingface.co"
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    reason = _probe(host, port, HUB_PROBE_TIMEOUT_S)
+    if reason:
+        raise AbotError(_hub_unreachable_message(name, reason))
+
+
+def _probe(host: str, port: int, timeout: float) -> str | None:
+    """None if a TCP connection to host:port opens within `timeout` seconds, else why not.
+
+    Runs in a daemon thread because name resolution ignores socket timeouts and can block for many seconds.
+    """
+    result: list[str | None] = ["no answer within %.0f s" % timeout]
+
+    def connect():
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result[0] = None
+        except OSError as err:
+            result[0] = f"{host}:{port}: {err}"
+
+    thread = threading.Thread(target=connect, daemon=True, name="abot-hub-probe")
+    thread.start()
+    thread.join(timeout)
+    return result[0]

@@ -1,0 +1,1 @@
+"""Registered model families; each module holds one model as pure functions."""

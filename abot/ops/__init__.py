@@ -1,0 +1,1 @@
+"""Stateless building blocks of the model: each a pure function of arrays."""

@@ -1,0 +1,12 @@
+"""Feed-forward blocks: SwiGLU (Shazeer, 2020) or a plain GELU MLP."""
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+def swiglu(x: mx.array, w_gate: mx.array, w_up: mx.array, w_down: mx.array) -> mx.array:
+    return (nn.silu(x @ w_gate) * (x @ w_up)) @ w_down
+
+
+def gelu_mlp(x: mx.array, w_up: mx.array, w_down: mx.array) -> mx.array:
+    return nn.gelu(x @ w_up) @ w_down

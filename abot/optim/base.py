@@ -1,0 +1,22 @@
+"""The optimizer contract shared by built-ins and plugins."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import mlx.core as mx
+
+Tree = Any  # nested dicts / lists of mx.array
+
+
+class Optimizer(NamedTuple):
+    """A pair of pure functions, optax-style.
+
+    init(params) -> state                       (a tree of mx.array, checkpointed as-is)
+    update(grads, state, params, lr) -> (params, state)
+        `lr` is a scalar mx.array from the schedule; everything inside is mx ops, so the whole
+        update is traced into the compiled train step.
+    """
+
+    init: Callable[[Tree], Tree]
+    update: Callable[[Tree, Tree, Tree, mx.array], tuple[Tree, Tree]]

@@ -1,0 +1,57 @@
+"""The default optimizer: Muon for hidden 2-D matrices, AdamW for everything else, one learning rate."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+from mlx.utils import tree_map, tree_map_with_path
+
+from abot.optim.adamw import adamw_leaf, bias_corrections, check_adam_options, unzip, zeros_f32
+from abot.optim.base import Optimizer, Tree
+from abot.optim.muon import check_muon_options, muon_leaf
+
+NOT_HIDDEN = ("embed", "head")  # path components of the token embedding and the output head
+
+
+def is_hidden_matrix(path: str, leaf: mx.array) -> bool:
+    """True for leaves Muon should own: 2-D and not the embedding or the output head.
+
+    `path` is an `mlx.utils.tree_flatten` path such as "blocks.0.wq". Embeddings are lookup tables and the
+    head maps to a vocabulary; Muon's orthogonalisation is meant for hidden linear maps (Keller Jordan, 2024).
+    """
+    return leaf.ndim == 2 and not any(part in NOT_HIDDEN for part in (path or "").split("."))
+
+
+def muon_adamw(weight_decay: float = 0.0, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
+               scale: str = "moonshot", b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8) -> Optimizer:
+    """Muon on hidden matrices, AdamW on embeddings, head, norms and 1-D leaves (the default).
+
+    Both groups share the learning rate, which is why Muon's update is Moonshot-scaled by default (its RMS
+    matches AdamW's). State: {"count": int32 scalar, "leaves": tree like params whose leaves are
+    {"buf": ...} (Muon) or {"m": ..., "v": ...} (AdamW)}, all float32.
+    """
+    check_muon_options(momentum, ns_steps, scale, weight_decay)
+    check_adam_options(b1, b2, eps, weight_decay)
+
+    def init_leaf(path: str, p: mx.array) -> dict:
+        return {"buf": zeros_f32(p)} if is_hidden_matrix(path, p) else {"m": zeros_f32(p), "v": zeros_f32(p)}
+
+    def init(params: Tree) -> Tree:
+        return {"count": mx.array(0, dtype=mx.int32), "leaves": tree_map_with_path(init_leaf, params)}
+
+    def update(grads: Tree, state: Tree, params: Tree, lr: mx.array) -> tuple[Tree, Tree]:
+        count = state["count"] + 1
+        corrections = bias_corrections(count, b1, b2)
+
+        def step(path, p, g, s):
+            if is_hidden_matrix(path, p):
+                p, buf = muon_leaf(p, g, s["buf"], lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
+                                   scale=scale, weight_decay=weight_decay)
+                return p, {"buf": buf}
+            p, m, v = adamw_leaf(p, g, s["m"], s["v"], lr, corrections, b1=b1, b2=b2, eps=eps,
+                                 weight_decay=weight_decay)
+            return p, {"m": m, "v": v}
+
+        new_params, leaves = unzip(tree_map_with_path(step, params, grads, state["leaves"]), 2)
+        return new_params, {"count": count, "leaves": leaves}
+
+    return Optimizer(init, update)

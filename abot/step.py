@@ -1,0 +1,104 @@
+"""The train step: one pure function `(state, batch, lr) -> (state, metrics)`, compiled with mx.compile.
+
+Inside: value-and-grad over each micro-batch, gradients averaged over `grad_accum_steps`,
+global-norm clipping, the optimizer update, and a guard that skips the update when the loss or a
+gradient is not finite. Parameters are functions of trees, not nn.Modules, so the gradient comes from
+`mx.value_and_grad` (what `nn.value_and_grad` wraps for Modules).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import mlx.core as mx
+from mlx.utils import tree_map, tree_reduce
+
+from abot.optim.base import Optimizer
+
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+# float16 dynamic loss scaling (as in mixed-precision training, Micikevicius et al. 2018):
+# start high, halve on overflow, double after this many clean steps.
+INITIAL_LOSS_SCALE = 2.0**15
+LOSS_SCALE_GROWTH_INTERVAL = 1000
+
+
+def init_state(params, optimizer: Optimizer, key: mx.array, precision: str = "float32") -> dict:
+    """The full training state: float32 master params, optimizer state, PRNG key, loss scale."""
+    params = tree_map(lambda p: p.astype(mx.float32), params)
+    scale = INITIAL_LOSS_SCALE if precision == "float16" else 1.0
+    return {"params": params, "opt_state": optimizer.init(params), "key": key,
+            "loss_scale": mx.array(scale, dtype=mx.float32), "good_steps": mx.array(0, dtype=mx.int32)}
+
+
+def global_norm(tree) -> mx.array:
+    return mx.sqrt(tree_reduce(lambda acc, g: acc + mx.sum(mx.square(g.astype(mx.float32))), tree, mx.array(0.0)))
+
+
+def clip_by_global_norm(grads, norm: mx.array, max_norm: float):
+    """Scale gradients so their global norm is at most `max_norm`; max_norm <= 0 leaves them untouched."""
+    if max_norm <= 0:
+        return grads
+    factor = mx.minimum(1.0, max_norm / (norm + 1e-6))
+    return tree_map(lambda g: g * factor, grads)
+
+
+def make_train_step(model, loss_fn: Callable, optimizer: Optimizer, *, grad_accum_steps: int,
+                    max_grad_norm: float, precision: str = "float32", compile: bool = True):
+    """Build `step(state, batch, lr) -> (state, metrics)`.
+
+    `batch` has a leading axis of `grad_accum_steps` micro-batches (an array or a dict of arrays);
+    `lr` is a scalar array. Metrics: loss (mean over micro-batches), grad_norm (before clipping),
+    finite (1.0 when the update was applied), loss_scale, plus the loss function's own metrics.
+    """
+    compute_dtype = DTYPES[precision]
+    dynamic_scaling = precision == "float16"
+
+    def scaled_loss(params, micro, key, scale):
+        if compute_dtype != mx.float32:  # master weights stay float32; compute in low precision
+            params = tree_map(lambda p: p.astype(compute_dtype), params)
+        loss, aux = loss_fn(model, params, micro, key)
+        return loss.astype(mx.float32) * scale, aux
+
+    grad_fn = mx.value_and_grad(scaled_loss)
+
+    def step(state: dict, batch: Any, lr: mx.array):
+        params, scale = state["params"], state["loss_scale"]
+        key, *micro_keys = mx.random.split(state["key"], grad_accum_steps + 1)
+        grads, loss, aux_sum = None, mx.array(0.0), {}
+        for i in range(grad_accum_steps):  # unrolled: the compiled graph holds every micro-batch
+            micro = tree_map(lambda b: b[i], batch)
+            (l, aux), g = grad_fn(params, micro, micro_keys[i], scale)
+            grads = g if grads is None else tree_map(mx.add, grads, g)
+            loss = loss + l
+            aux_sum = {k: aux_sum.get(k, 0.0) + v for k, v in aux.items()}
+        inv = 1.0 / (grad_accum_steps * scale)
+        grads = tree_map(lambda g: g.astype(mx.float32) * inv, grads)
+        loss = loss / (grad_accum_steps * scale)
+        norm = global_norm(grads)
+        finite = mx.isfinite(norm) & mx.isfinite(loss)
+        grads = clip_by_global_norm(grads, norm, max_grad_norm)
+        new_params, new_opt = optimizer.update(grads, state["opt_state"], params, lr)
+        # A non-finite loss or gradient skips the update: params and optimizer state stay as they were.
+        keep = lambda new, old: mx.where(finite, new, old)  # noqa: E731
+        good = mx.where(finite, state["good_steps"] + 1, 0)
+        if dynamic_scaling:
+            grow = good >= LOSS_SCALE_GROWTH_INTERVAL
+            scale = mx.where(finite, mx.where(grow, scale * 2.0, scale), scale * 0.5)
+            good = mx.where(grow, 0, good)
+        new_state = {"params": tree_map(keep, new_params, params),
+                     "opt_state": tree_map(keep, new_opt, state["opt_state"]),
+                     "key": key, "loss_scale": scale, "good_steps": good}
+        metrics = {"loss": loss, "grad_norm": norm, "finite": finite.astype(mx.float32), "loss_scale": scale,
+                   **{k: v / grad_accum_steps for k, v in aux_sum.items()}}
+        return new_state, metrics
+
+    return mx.compile(step) if compile else step
+
+
+def make_eval_step(model, loss_fn: Callable, compile: bool = True):
+    """`eval_step(params, micro_batch) -> loss` without dropout or gradients."""
+
+    def eval_step(params, micro):
+        return loss_fn(model, params, micro, None)[0]
+
+    return mx.compile(eval_step) if compile else eval_step

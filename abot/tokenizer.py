@@ -1,0 +1,218 @@
+"""SentencePiece BPE tokenizer: training from a text stream, loading, exact encode/decode round trips.
+
+The model is trained so that decode(encode(s)) == s for any text: no normalisation, spaces and newlines
+kept as they are, and bytes as the fallback for characters outside the vocabulary. The id layout is fixed
+(below), so the chat template and checkpoints can rely on it; `Tokenizer.sha256` ties checkpoints and token
+shards to the exact model file they were made with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import sentencepiece as spm
+
+from abot.errors import AbotError
+
+PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+# Chat markers (reserved for the chat template) and "\n", in this order right after the ids above. As
+# user-defined symbols each always encodes to exactly one id, wherever it appears in the text.
+CHAT_MARKERS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+NEWLINE = "\n"
+USER_DEFINED_SYMBOLS = (*CHAT_MARKERS, NEWLINE)
+FIRST_USER_ID = EOS_ID + 1
+# SentencePiece writes spaces as U+2581 internally, so a literal U+2581 in the text would decode as a space.
+# We encode that character as its UTF-8 byte pieces instead, which decode back to it exactly.
+META_SPACE = "\u2581"
+
+# SentencePiece silently drops training sentences longer than this many bytes; we cut lines below it.
+MAX_SENTENCE_BYTES = 4192
+# Training stops reading the stream after this many characters (a streamed Hub dataset may be endless)...
+MAX_TRAINING_CHARS = 100_000_000
+# ...and SentencePiece samples at most this many sentences (lines) of what it read, bounding time and memory.
+MAX_TRAINING_SENTENCES = 2_000_000
+
+
+def _training_sentences(texts: Iterable[str], max_bytes: int = MAX_SENTENCE_BYTES,
+                        max_total_chars: int = MAX_TRAINING_CHARS) -> Iterator[str]:
+    """Documents -> non-empty lines, each under `max_bytes` UTF-8 bytes (long lines cut, preferably at a space).
+
+    Stops after `max_total_chars` characters. "\n" itself need not be seen in training: it is a
+    user-defined symbol, always its own piece.
+    """
+    max_chars = (max_bytes - 1) // 4  # a character is at most 4 bytes in UTF-8, so this many always fit
+    total = 0
+    for text in texts:
+        if total >= max_total_chars:
+            return
+        total += len(text)
+        for line in text.split("\n"):
+            if not line:
+                continue
+            if len(line) <= max_chars or len(line.encode("utf-8")) < max_bytes:
+                yield line
+                continue
+            while line:
+                cut = max_chars if len(line) > max_chars else len(line)
+                space = line.rfind(" ", max_chars // 2, cut)
+                if cut < len(line) and space > 0:
+                    cut = space  # keep the space with the next chunk, as "▁word"
+                yield line[:cut]
+                line = line[cut:]
+
+
+def _vocab_error(err: RuntimeError, vocab_size: int) -> AbotError | None:
+    """Turn SentencePiece's "corpus too small / vocab too small" failures into actionable errors."""
+    text = str(err)
+    too_high = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", text)
+    if too_high:
+        most = int(too_high.group(2))
+        return AbotError(f"the tokenizer training text is too small for a vocabulary of {vocab_size} pieces "
+                         f"(at most {most} fit); set a smaller model.vocab_size (e.g. {most}) or use more text")
+    too_low = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", text)
+    if too_low:
+        return AbotError(f"model.vocab_size {vocab_size} is too small for this text: the special tokens, "
+                         f"256 byte pieces and the text's characters need at least {too_low.group(2)}; "
+                         "set a larger model.vocab_size")
+    return None
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, model_path: str | Path,
+                    max_chars: int = MAX_TRAINING_CHARS) -> Path:
+    """Train a BPE model of exactly `vocab_size` pieces from a stream of documents; write it to `model_path`.
+
+    Reads documents until `max_chars` characters (the stream may be endless). The file is written atomically (temporary name, then rename), so an interrupted run never leaves a
+    truncated model behind. Raises AbotError when the text is too small for `vocab_size`.
+    """
+    model_path = Path(model_path)
+    sentences = _training_sentences(texts, max_total_chars=max_chars)
+    try:
+        first = next(sentences)
+    except StopIteration:
+        raise AbotError(f"no text to train the tokenizer {model_path} on: the data source gave no documents "
+                        "(check data.dataset, data.split and data.text_field)") from None
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=_prepend(first, sentences),
+            model_writer=model,
+            model_type="bpe",
+            vocab_size=vocab_size,
+            hard_vocab_limit=True,  # exactly vocab_size pieces: it must match model.vocab_size
+            # Exact round trips: no normalisation, whitespace kept, unknown characters as bytes.
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=False,  # text after "\n" (no space) and at a line start then encode alike
+            allow_whitespace_only_pieces=True,  # runs of spaces (code indentation) become single pieces
+            byte_fallback=True,
+            split_digits=True,
+            user_defined_symbols=list(USER_DEFINED_SYMBOLS),
+            pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+            pad_piece=PAD, unk_piece=UNK, bos_piece=BOS, eos_piece=EOS,
+            max_sentence_length=MAX_SENTENCE_BYTES,
+            input_sentence_size=MAX_TRAINING_SENTENCES,
+            shuffle_input_sentence=True,
+            num_threads=os.cpu_count() or 1,
+            minloglevel=2,  # errors only
+        )
+    except RuntimeError as err:
+        raise (_vocab_error(err, vocab_size) or AbotError(f"training the tokenizer {model_path} failed: {err}")) \
+            from None
+    model_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = model_path.with_name(f".{model_path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(model.getvalue())
+        os.replace(tmp, model_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return model_path
+
+
+def _prepend(first: str, rest: Iterator[str]) -> Iterator[str]:
+    yield first
+    yield from rest
+
+
+@dataclass(frozen=True)
+class Tokenizer:
+    """A loaded SentencePiece model with abot's id layout. Immutable; build it with `load_tokenizer`."""
+
+    path: Path
+    sha256: str  # of the model file's bytes
+    processor: spm.SentencePieceProcessor = field(repr=False, compare=False)
+
+    pad_id = PAD_ID
+    unk_id = UNK_ID
+    bos_id = BOS_ID
+    eos_id = EOS_ID
+
+    @property
+    def vocab_size(self) -> int:
+        return self.processor.get_piece_size()
+
+    @property
+    def special_ids(self) -> dict[str, int]:
+        """Chat marker -> id, e.g. {"<|system|>": 4, "<|user|>": 5, "<|assistant|>": 6, "<|end|>": 7}."""
+        return {marker: FIRST_USER_ID + i for i, marker in enumerate(CHAT_MARKERS)}
+
+    def encode(self, text: str) -> list[int]:
+        if META_SPACE in text:
+            return self._encode_meta_space(text)
+        return self.processor.encode(text, out_type=int)
+
+    def encode_batch(self, texts: Sequence[str], num_threads: int = 1) -> list[list[int]]:
+        """Encode many texts at once, on `num_threads` native threads."""
+        texts = list(texts)
+        out = self.processor.encode(texts, out_type=int, num_threads=max(1, int(num_threads)))
+        for i, text in enumerate(texts):
+            if META_SPACE in text:  # rare: redo those few
+                out[i] = self._encode_meta_space(text)
+        return out
+
+    def _encode_meta_space(self, text: str) -> list[int]:
+        byte_ids = [self.processor.piece_to_id(f"<0x{b:02X}>") for b in META_SPACE.encode("utf-8")]
+        ids: list[int] = []
+        for i, part in enumerate(self.processor.encode(text.split(META_SPACE), out_type=int)):
+            if i:
+                ids.extend(byte_ids)
+            ids.extend(part)
+        return ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        ids = ids.tolist() if hasattr(ids, "tolist") else [int(i) for i in ids]  # numpy/mlx arrays too
+        return self.processor.decode(ids)
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load a tokenizer trained by `train_tokenizer`; AbotError naming the path and the fix if it is unusable."""
+    path = Path(path)
+    fix = f"run `abot tokenizer train CONFIG`, or delete {path} so that `abot train` trains a new one"
+    if path.is_dir():
+        raise AbotError(f"tokenizer {path}: is a folder, not a SentencePiece model file; "
+                        "point train.tokenizer_path at a .model file")
+    if not path.exists():
+        raise AbotError(f"tokenizer {path}: not found; run `abot tokenizer train CONFIG` to train it "
+                        "(or `abot train`, which trains it first)")
+    data = path.read_bytes()
+    if not data:
+        raise AbotError(f"tokenizer {path}: the file is empty (an interrupted write?); {fix}")
+    processor = spm.SentencePieceProcessor()
+    try:
+        processor.load_from_serialized_proto(data)
+    except Exception:  # SentencePiece raises RuntimeError or OSError depending on the damage
+        raise AbotError(f"tokenizer {path}: not a SentencePiece model file; {fix}") from None
+    expected = {PAD: PAD_ID, UNK: UNK_ID, BOS: BOS_ID, EOS: EOS_ID}
+    expected.update({s: FIRST_USER_ID + i for i, s in enumerate(USER_DEFINED_SYMBOLS)})
+    wrong = [f"{s!r}={i}" for s, i in expected.items()
+             if i >= processor.get_piece_size() or processor.id_to_piece(i) != s]
+    if wrong:
+        raise AbotError(f"tokenizer {path}: a SentencePiece model, but not with abot's special tokens "
+                        f"(expected {', '.join(wrong)}); {fix}")
+    return Tokenizer(path=path, sha256=hashlib.sha256(data).hexdigest(), processor=processor)

@@ -1,0 +1,188 @@
+"""The training loop: build the run from the config, then step, log, evaluate and checkpoint.
+
+State lives in one tree (`abot.step.init_state`) that goes into the compiled step and comes out;
+the loop only moves batches in, metrics out, and the tree to and from checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from pathlib import Path
+
+import mlx.core as mx
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from abot import __version__, blas
+from abot.build import build_documents, build_loss, build_model, build_optimizer, build_schedule, ensure_tokenizer
+from abot.checkpoint import latest_checkpoint, load_checkpoint, save_rotating
+from abot.config import Config
+from abot.data.pipeline import BatchStream, eval_batches
+from abot.errors import AbotError
+from abot.metrics import RunLogger
+from abot.models.transformer import count_params
+from abot.step import init_state, make_eval_step, make_train_step
+
+# Model keys that may change between a checkpoint and its resumed run (everything else changes shapes).
+SAFE_MODEL_CHANGES = {"dropout"}
+
+
+def device_line() -> str:
+    dev = mx.default_device()
+    backend = "gpu (Metal)" if dev.type == mx.gpu and mx.metal.is_available() else str(dev)
+    return f"device: {backend}, BLAS: {blas.status}"
+
+
+def evaluate(eval_fn, params, batches) -> dict:
+    losses = [eval_fn(params, mx.array(b)) for b in batches]
+    loss = mx.stack(losses).mean().item() if losses else float("nan")
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
+
+
+def check_resumable(ckpt, cfg: Config, tokenizer, path) -> list[str]:
+    """Refuse shape-changing config changes; return the safe ones so they can be logged."""
+    old = ckpt.meta.get("config", {})
+    new = cfg.to_dict()
+    old_model = old.get("model", {})
+    bad = [k for k, v in new["model"].items() if k not in SAFE_MODEL_CHANGES and old_model.get(k, v) != v]
+    if bad:
+        changes = ", ".join(f"model.{k}: {old_model[k]} -> {new['model'][k]}" for k in bad)
+        raise AbotError(f"{path}: cannot resume, the config changes the model's shape ({changes}); "
+                        "restore those values or start a new run in another save_dir")
+    if ckpt.meta.get("tokenizer_sha256") not in (None, tokenizer.sha256):
+        raise AbotError(f"{path}: the checkpoint was trained with a different tokenizer than "
+                        f"{tokenizer.path}; point train.tokenizer_path at the original tokenizer")
+    return [f"{sec}.{k}: {old.get(sec, {}).get(k)} -> {v}" for sec in ("data", "train")
+            for k, v in new[sec].items() if old.get(sec, {}).get(k, v) != v]
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop finishes its step, checkpoints and exits cleanly."""
+
+    def __init__(self):
+        self.signal = None
+
+    def __enter__(self):
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+
+def train(cfg: Config, resume: bool = False, console: Console | None = None) -> dict:
+    """Run `cfg` to `train.total_steps` (or until stopped); return the final summary."""
+    console = console or Console()
+    t, d = cfg.train, cfg.data
+    tokenizer = ensure_tokenizer(cfg, console.print)
+    model, optimizer, schedule, loss_fn = build_model(cfg), build_optimizer(cfg), build_schedule(cfg), build_loss()
+    save_dir = Path(t.save_dir)
+    log_dir = Path(t.log_path) if t.log_path else save_dir / "logs"
+
+    init_key, key = mx.random.split(mx.random.key(t.seed))
+    state = init_state(model.init(init_key), optimizer, key, t.precision)
+    start, data_state = 0, None
+    ckpt_path = t.checkpoint_path or (latest_checkpoint(save_dir) if resume else None)
+    if resume and ckpt_path is None:
+        console.print(f"No checkpoint in {save_dir}: starting from step 0.")
+    safe_changes = []
+    if ckpt_path:
+        ckpt = load_checkpoint(ckpt_path)
+        safe_changes = check_resumable(ckpt, cfg, tokenizer, ckpt_path)
+        state, start, data_state = ckpt.trees["state"], ckpt.step, ckpt.meta.get("data_state")
+        console.print(f"Resumed from {ckpt_path} at step {start}.")
+
+    tokens_per_step = t.grad_accum_steps * t.micro_batch_size * d.seq_len
+    n_params = count_params(state["params"])
+    console.print(f"abot {__version__} | {device_line()}")
+    console.print(f"model: {cfg.model.name}, {n_params / 1e6:.2f}M parameters | optimizer: {t.optimizer} | "
+                  f"schedule: {t.schedule} | precision: {t.precision} | batch: {t.grad_accum_steps} x "
+                  f"{t.micro_batch_size} x {d.seq_len} = {tokens_per_step} tokens/step")
+
+    stream = BatchStream(build_documents(cfg, "train"), tokenizer, d.seq_len, (t.grad_accum_steps, t.micro_batch_size),
+                         d.shuffle_buffer, t.seed, d.num_workers, state=data_state)
+    eval_data = eval_batches(build_documents(cfg, "eval"), tokenizer, d.seq_len, t.micro_batch_size, t.eval_steps)
+    step_fn = make_train_step(model, loss_fn, optimizer, grad_accum_steps=t.grad_accum_steps,
+                              max_grad_norm=t.max_grad_norm, precision=t.precision, compile=t.compile)
+    eval_fn = make_eval_step(model, loss_fn, compile=t.compile)
+
+    def save(step: int) -> Path:
+        meta = {"config": cfg.to_dict(), "tokenizer_sha256": tokenizer.sha256, "data_state": stream.state(),
+                "n_params": n_params}
+        path = save_rotating(save_dir, {"state": state}, step, meta, t.ckpt_keep)
+        size = path.stat().st_size
+        logger.event("checkpoint", step=step, path=str(path), bytes=size)
+        console.print(f"step {step}: saved {path} ({size / 2**20:.1f} MiB)")
+        return path
+
+    summary = {"abot_version": __version__, "n_params": n_params, "start_step": start, "tokens_per_step": tokens_per_step}
+    done, skipped, bad_run, last_eval, last_ckpt, stopped, diverged = start, 0, 0, {}, None, None, False
+    window_loss, window_t0, window_steps = [], time.perf_counter(), 0
+    run_t0 = time.perf_counter()
+    columns = [TextColumn("[bold]step {task.completed}/{task.total}"), BarColumn(), TextColumn("{task.description}"),
+               TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
+    with RunLogger(log_dir) as logger, _StopRequest() as stop, \
+            Progress(*columns, console=console, transient=False) as progress:
+        if safe_changes:
+            logger.event("resume_config_changes", changes=safe_changes)
+            console.print("Config changes since the checkpoint: " + "; ".join(safe_changes))
+        bar = progress.add_task("", total=t.total_steps, completed=start)
+        for step in range(start, t.total_steps):
+            lr = schedule(step)
+            state, metrics = step_fn(state, mx.array(next(stream)), mx.array(lr, dtype=mx.float32))
+            mx.eval(state, metrics)
+            window_steps += 1
+            if metrics["finite"].item() == 0.0:
+                skipped, bad_run = skipped + 1, bad_run + 1
+                logger.event("nonfinite_step_skipped", step=step + 1, loss=metrics["loss"].item())
+                if bad_run >= t.max_nonfinite_steps:
+                    stopped, diverged = f"{bad_run} non-finite steps in a row", True
+            else:
+                bad_run = 0
+                window_loss.append(metrics["loss"])
+            done = step + 1
+            progress.update(bar, completed=done)
+            if done % t.log_interval == 0 or done == t.total_steps:
+                elapsed = time.perf_counter() - window_t0
+                loss = mx.stack(window_loss).mean().item() if window_loss else float("nan")
+                row = {"loss": loss, "lr": lr, "grad_norm": metrics["grad_norm"].item(),
+                       "tokens": done * tokens_per_step, "tokens_per_s": window_steps * tokens_per_step / elapsed,
+                       "step_time_s": elapsed / window_steps, "memory_gb": mx.get_peak_memory() / 1e9,
+                       "skipped_steps": skipped}
+                if t.precision == "float16":
+                    row["loss_scale"] = metrics["loss_scale"].item()
+                logger.log(done, row)
+                progress.update(bar, description=f"loss {loss:.3f} | lr {lr:.2e} | {row['tokens_per_s']:,.0f} tok/s")
+                window_loss, window_t0, window_steps = [], time.perf_counter(), 0
+            if eval_data and (done % t.eval_interval == 0 or done == t.total_steps):
+                last_eval = evaluate(eval_fn, state["params"], eval_data)
+                logger.log(done, last_eval, prefix="eval")
+                console.print(f"step {done}: eval loss {last_eval['loss']:.4f}, ppl {last_eval['ppl']:.2f}")
+            if stop.signal and not stopped:
+                stopped = f"received {stop.signal}"
+            if done % t.ckpt_interval == 0 or done == t.total_steps or stopped:
+                last_ckpt = save(done)
+                window_t0 = time.perf_counter()  # checkpoint time is not training time
+            if stopped:
+                console.print(f"Stopping at step {done}: {stopped}.")
+                break
+        elapsed = time.perf_counter() - run_t0
+        trained = done - start
+        summary.update({"final_step": done, "total_steps": t.total_steps, "stopped": stopped,
+                        "skipped_steps": skipped, "tokens_trained": trained * tokens_per_step, "wall_time_s": elapsed,
+                        "tokens_per_s": trained * tokens_per_step / elapsed if elapsed else 0.0,
+                        "final_eval": last_eval, "checkpoint": str(last_ckpt) if last_ckpt else None,
+                        "peak_memory_gb": mx.get_peak_memory() / 1e9})
+        logger.write_summary(summary)
+    if diverged:
+        raise AbotError(f"training stopped: {stopped}; the last good state is saved in {last_ckpt}. "
+                        "Lower train.lr, raise train.warmup_steps, or use precision: float32")
+    return summary

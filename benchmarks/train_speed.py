@@ -1,0 +1,112 @@
+"""Training throughput of abot's compiled step for the tiny and small shapes, side by side in one run.
+
+    python benchmarks/train_speed.py [--steps 10] [--shapes tiny,small] [--optimizers muon_adamw,adamw]
+
+Prints tokens/s (median over timed steps after warm-up), step time, model FLOPs per token, achieved
+GFLOP/s, the fraction of this machine's measured fp32 matmul peak, and MLX's peak memory.
+FLOPs per token (training, forward + backward = 3x forward, Kaplan et al. 2020 / PaLM appendix B):
+    6 * N_matmul + 12 * n_layers * seq_len * d_model
+where N_matmul counts the weights used in matmuls (blocks + output head) and the second term is attention
+scores and values (causal attention still computes the full square in the fused kernel).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import abot  # noqa: F401  (loads the fast BLAS before mlx)
+import mlx.core as mx
+import numpy as np
+
+from abot import blas
+from abot.config import ModelConfig
+from abot.losses import next_token
+from abot.models.transformer import count_params, transformer
+from abot.registry import optimizers
+from abot.step import init_state, make_train_step
+
+SHAPES = {  # NOTES.md benchmark shapes: (d_model, n_layers, n_heads, seq_len, batch)
+    "tiny": (256, 6, 8, 256, 8),
+    "small": (512, 8, 8, 512, 4),
+}
+VOCAB = 8000
+
+
+def matmul_peak_gflops(n: int = 1024, repeats: int = 10) -> tuple[float, float]:
+    """This machine's fp32 sgemm speed: MLX (through abot's BLAS) and numpy."""
+    a = mx.random.normal((n, n))
+    mx.eval(a)
+    for _ in range(3):
+        mx.eval(a @ a)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        mx.eval(a @ a)
+    mlx_rate = 2 * n**3 * repeats / (time.perf_counter() - t0) / 1e9
+    an = np.array(a)
+    an @ an
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        an @ an
+    return mlx_rate, 2 * n**3 * repeats / (time.perf_counter() - t0) / 1e9
+
+
+def flops_per_token(cfg: ModelConfig, n_params: int, seq_len: int) -> float:
+    n_matmul = n_params - cfg.vocab_size * cfg.d_model * (0 if cfg.tie_embeddings else 1)  # embed lookup is free
+    return 6 * n_matmul + 12 * cfg.n_layers * seq_len * cfg.d_model
+
+
+def bench(shape: str, optimizer: str, compile: bool, checkpointing: bool, steps: int, warmup: int = 3) -> dict:
+    d, layers, heads, seq, batch = SHAPES[shape]
+    cfg = ModelConfig(vocab_size=VOCAB, n_layers=layers, d_model=d, n_heads=heads, dropout=0.0, max_seq_len=seq)
+    model = transformer(cfg, gradient_checkpointing=checkpointing)
+    opt = optimizers.get(optimizer)(weight_decay=0.02)
+    state = init_state(model.init(mx.random.key(0)), opt, mx.random.key(1))
+    step = make_train_step(model, next_token, opt, grad_accum_steps=1, max_grad_norm=1.0, compile=compile)
+    tokens = mx.random.randint(0, VOCAB, (1, batch, seq + 1), key=mx.random.key(2))
+    lr = mx.array(1e-3)
+    mx.eval(state, tokens)
+    mx.reset_peak_memory()
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        state, metrics = step(state, tokens, lr)
+        mx.eval(state, metrics)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    step_s = statistics.median(times)
+    n_params = count_params(state["params"])
+    fpt = flops_per_token(cfg, n_params, seq)
+    tok_s = batch * seq / step_s
+    return {"tokens_per_s": tok_s, "step_s": step_s, "flops_per_token": fpt, "gflops": tok_s * fpt / 1e9,
+            "peak_mem_gb": mx.get_peak_memory() / 1e9, "params_m": n_params / 1e6}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--shapes", default="tiny,small")
+    parser.add_argument("--optimizers", default="muon_adamw,adamw")
+    parser.add_argument("--variants", action="store_true", help="also: uncompiled, gradient checkpointing")
+    args = parser.parse_args()
+    mlx_peak, numpy_peak = matmul_peak_gflops()
+    print(f"BLAS: {blas.status}; fp32 1024^3 matmul: MLX {mlx_peak:.0f} GFLOP/s, numpy {numpy_peak:.0f} GFLOP/s")
+    print("FLOPs/token = 6 * N_matmul + 12 * n_layers * seq_len * d_model")
+    header = f"{'shape':6} {'optimizer':11} {'compile':7} {'ckpt':5} {'params':>7} {'tok/s':>8} {'step ms':>8} " \
+             f"{'GFLOP/tok':>9} {'GFLOP/s':>8} {'% peak':>6} {'mem GB':>6}"
+    print(header)
+    print("-" * len(header))
+    for shape in args.shapes.split(","):
+        runs = [(opt, True, False) for opt in args.optimizers.split(",")]
+        if args.variants:
+            runs += [(runs[0][0], False, False), (runs[0][0], True, True)]
+        for opt, compile, ckpt in runs:
+            r = bench(shape, opt, compile, ckpt, args.steps)
+            print(f"{shape:6} {opt:11} {str(compile):7} {str(ckpt):5} {r['params_m']:6.1f}M {r['tokens_per_s']:8.0f} "
+                  f"{r['step_s'] * 1e3:8.1f} {r['flops_per_token'] / 1e9:9.3f} {r['gflops']:8.1f} "
+                  f"{100 * r['gflops'] / mlx_peak:5.0f}% {r['peak_mem_gb']:6.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,285 @@
+"""Optimizers against independent numpy implementations of the published formulas."""
+
+import math
+
+import numpy as np
+import pytest
+
+import abot  # noqa: F401  (loads the BLAS shim before mlx.core)
+import mlx.core as mx
+from mlx.utils import tree_flatten, tree_map
+
+from abot.errors import AbotError
+from abot.optim.adamw import adamw
+from abot.optim.muon import NS_COEFFICIENTS, newton_schulz, muon, update_scale
+from abot.optim.muon_adamw import is_hidden_matrix, muon_adamw
+from abot.optim.sgd import sgd
+from abot.registry import optimizers
+
+LR = 1e-2
+
+
+def random_tree(seed, shapes):
+    rng = np.random.default_rng(seed)
+    return {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
+
+
+def to_mx(tree):
+    return tree_map(mx.array, tree)
+
+
+def to_np(tree):
+    return tree_map(lambda a: np.array(a, dtype=np.float64), tree)
+
+
+def run(opt, params, grads_seq, lr=LR):
+    """Apply `opt` to numpy params over a list of numpy grad trees; numpy result."""
+    p = to_mx(params)
+    state = opt.init(p)
+    for grads in grads_seq:
+        p, state = opt.update(to_mx(grads), state, p, mx.array(lr))
+    mx.eval(p, state)
+    return to_np(p)
+
+
+def assert_trees_close(got, want, rtol, atol):
+    got, want = dict(tree_flatten(got)), dict(tree_flatten(want))
+    assert got.keys() == want.keys()
+    for k in got:
+        np.testing.assert_allclose(got[k], want[k], rtol=rtol, atol=atol, err_msg=k)
+
+
+SHAPES = {"w": (6, 4), "b": (4,)}
+GRADS = [random_tree(s, SHAPES) for s in range(1, 5)]
+PARAMS = random_tree(0, SHAPES)
+
+
+# ---------------------------------------------------------------- AdamW
+
+def numpy_adamw(params, grads_seq, lr, wd, b1, b2, eps):
+    """torch.optim.AdamW's documented algorithm in float64, decay on ndim >= 2 only."""
+    p = {k: v.astype(np.float64) for k, v in params.items()}
+    m = {k: np.zeros_like(v) for k, v in p.items()}
+    v = {k: np.zeros_like(x) for k, x in p.items()}
+    for t, grads in enumerate(grads_seq, start=1):
+        for k in p:
+            g = grads[k].astype(np.float64)
+            if p[k].ndim >= 2:
+                p[k] = p[k] * (1 - lr * wd)
+            m[k] = b1 * m[k] + (1 - b1) * g
+            v[k] = b2 * v[k] + (1 - b2) * g * g
+            m_hat = m[k] / (1 - b1 ** t)
+            p[k] = p[k] - lr * m_hat / (np.sqrt(v[k]) / math.sqrt(1 - b2 ** t) + eps)
+    return p
+
+
+def test_adamw_matches_pytorch_formula():
+    got = run(adamw(weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8), PARAMS, GRADS)
+    want = numpy_adamw(PARAMS, GRADS, LR, 0.1, 0.9, 0.95, 1e-8)
+    assert_trees_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_adamw_matches_torch_if_installed():
+    torch = pytest.importorskip("torch")
+    tp = {k: torch.tensor(v, requires_grad=True) for k, v in PARAMS.items()}
+    # torch decays every parameter it is given, so give 1-D leaves their own group without decay
+    opt = torch.optim.AdamW([{"params": [tp["w"]], "weight_decay": 0.1}, {"params": [tp["b"]], "weight_decay": 0.0}],
+                            lr=LR, betas=(0.9, 0.95), eps=1e-8)
+    for grads in GRADS:
+        for k in tp:
+            tp[k].grad = torch.tensor(grads[k])
+        opt.step()
+    got = run(adamw(weight_decay=0.1), PARAMS, GRADS)
+    assert_trees_close(got, {k: v.detach().numpy() for k, v in tp.items()}, rtol=1e-6, atol=1e-7)
+
+
+def test_adamw_decays_matrices_only_and_keeps_dtype():
+    params = {"w": mx.ones((3, 3), dtype=mx.bfloat16), "g": mx.ones((3,))}
+    zero = tree_map(mx.zeros_like, params)
+    opt = adamw(weight_decay=0.5)
+    new, state = opt.update(zero, opt.init(params), params, mx.array(0.1))
+    assert new["w"].dtype == mx.bfloat16 and state["m"]["w"].dtype == mx.float32
+    np.testing.assert_allclose(np.array(new["w"].astype(mx.float32)), 0.95, rtol=1e-2)
+    np.testing.assert_array_equal(np.array(new["g"]), 1.0)
+    assert state["count"].item() == 1
+
+
+# ---------------------------------------------------------------- Muon
+
+def numpy_newton_schulz(x, steps=5):
+    a, b, c = 3.4445, -4.7750, 2.0315  # Keller Jordan's quintic coefficients
+    tall = x.shape[0] > x.shape[1]
+    x = x.T if tall else x
+    x = x / (np.linalg.norm(x) + 1e-7)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if tall else x
+
+
+@pytest.mark.parametrize("shape", [(64, 32), (32, 64)])
+def test_newton_schulz_singular_values_in_band(shape):
+    # Measured over 100 Gaussian 64x32 / 32x64 matrices: singular values in [0.68, 1.14]. The quintic
+    # trades exact orthogonality for speed (Keller Jordan), so assert a band, with margin: [0.6, 1.25].
+    for seed in range(3):
+        g = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+        out = newton_schulz(mx.array(g))
+        assert out.shape == shape and out.dtype == mx.float32
+        s = np.linalg.svd(np.array(out), compute_uv=False)
+        assert 0.6 <= s.min() and s.max() <= 1.25, s
+        np.testing.assert_allclose(np.array(out), numpy_newton_schulz(g.astype(np.float64)), atol=1e-4)
+    assert NS_COEFFICIENTS == (3.4445, -4.7750, 2.0315)
+
+
+def test_newton_schulz_of_transpose_is_transpose():
+    g = mx.array(np.random.default_rng(0).standard_normal((16, 40)).astype(np.float32))
+    np.testing.assert_allclose(np.array(newton_schulz(g.T)), np.array(newton_schulz(g)).T, atol=1e-6)
+
+
+def test_update_scales():
+    assert update_scale((64, 256), "moonshot") == pytest.approx(0.2 * 16)
+    assert update_scale((256, 64), "moonshot") == pytest.approx(0.2 * 16)
+    # abot stores (fan_in, fan_out): Keller's sqrt(max(1, fan_out/fan_in)) boosts the widening matrix
+    assert update_scale((64, 256), "keller") == pytest.approx(2.0)
+    assert update_scale((256, 64), "keller") == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("scale", ["moonshot", "keller"])
+def test_muon_two_steps_match_hand_computation(scale):
+    shapes = {"w": (8, 24), "b": (24,)}
+    params, g1, g2 = (random_tree(s, shapes) for s in (10, 11, 12))
+    mu, wd = 0.95, 0.1
+    got = run(muon(weight_decay=wd, momentum=mu, scale=scale), params, [g1, g2])
+
+    factor = 0.2 * math.sqrt(24) if scale == "moonshot" else math.sqrt(24 / 8)
+    want = {k: v.astype(np.float64) for k, v in params.items()}
+    buf = {k: np.zeros_like(v) for k, v in want.items()}
+    for grads in (g1, g2):
+        for k in want:
+            g = grads[k].astype(np.float64)
+            buf[k] = mu * buf[k] + g
+            step = g + mu * buf[k]  # Nesterov
+            if k == "w":
+                step = numpy_newton_schulz(step) * factor
+                want[k] = want[k] * (1 - LR * wd)
+            want[k] = want[k] - LR * step
+    assert_trees_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_muon_without_nesterov_steps_along_buffer():
+    shapes = {"b": (5,)}
+    params, g1, g2 = (random_tree(s, shapes) for s in (1, 2, 3))
+    got = run(muon(momentum=0.9, nesterov=False), params, [g1, g2])
+    want = params["b"] - LR * g1["b"] - LR * (0.9 * g1["b"] + g2["b"])
+    np.testing.assert_allclose(got["b"], want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("momentum", [0.90, 0.95, 0.97])
+def test_muon_accepts_usual_momenta(momentum):
+    muon(momentum=momentum)
+    muon_adamw(momentum=momentum)
+
+
+@pytest.mark.parametrize("momentum", [1.5, 1.0, 0.0, -0.1])
+def test_muon_rejects_momentum_outside_unit_interval(momentum):
+    with pytest.raises(ValueError, match="momentum"):
+        muon(momentum=momentum)
+
+
+@pytest.mark.parametrize("factory", [muon, muon_adamw])
+def test_muon_rejects_unknown_scale(factory):
+    with pytest.raises(ValueError, match="'moonshot', 'keller'"):
+        factory(scale="kellr")
+
+
+# ---------------------------------------------------------------- Muon + AdamW
+
+def test_is_hidden_matrix():
+    m, v = mx.zeros((4, 4)), mx.zeros((4,))
+    assert is_hidden_matrix("blocks.0.wq", m)
+    assert not is_hidden_matrix("embed", m) and not is_hidden_matrix("head", m)
+    assert not is_hidden_matrix("blocks.0.attn_norm", v)
+    assert is_hidden_matrix("blocks.0.embedding_proj", m)  # only whole path components count
+
+
+def test_muon_adamw_partitions_hidden_matrices_to_muon():
+    V, D = 12, 8
+    rng = np.random.default_rng(0)
+
+    def tree():
+        return {"embed": rng.standard_normal((V, D)).astype(np.float32),
+                "blocks": [{"wq": rng.standard_normal((D, D)).astype(np.float32),
+                            "attn_norm": rng.standard_normal((D,)).astype(np.float32)}],
+                "head": rng.standard_normal((D, V)).astype(np.float32)}
+
+    params, grads = tree(), [tree(), tree(), tree()]
+    options = dict(weight_decay=0.1)
+    got = run(muon_adamw(**options), params, grads)
+
+    def part(t, muon_part):
+        wq = {"wq": t["blocks"][0]["wq"]}
+        rest = {"embed": t["embed"], "attn_norm": t["blocks"][0]["attn_norm"], "head": t["head"]}
+        return wq if muon_part else rest
+
+    by_muon = run(muon(**options), part(params, True), [part(g, True) for g in grads])
+    by_adamw = run(adamw(**options), part(params, False), [part(g, False) for g in grads])
+    np.testing.assert_array_equal(got["blocks"][0]["wq"], by_muon["wq"])
+    for k in ("embed", "head"):
+        np.testing.assert_array_equal(got[k], by_adamw[k])
+    np.testing.assert_array_equal(got["blocks"][0]["attn_norm"], by_adamw["attn_norm"])
+
+    state = muon_adamw().init(to_mx(params))
+    assert set(state["leaves"]["blocks"][0]["wq"]) == {"buf"}
+    assert set(state["leaves"]["embed"]) == {"m", "v"}
+    assert all(isinstance(a, mx.array) for _, a in tree_flatten(state))
+
+
+# ---------------------------------------------------------------- SGD
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_sgd_momentum_matches_hand_computation(nesterov):
+    mu, wd = 0.9, 0.1
+    got = run(sgd(weight_decay=wd, momentum=mu, nesterov=nesterov), PARAMS, GRADS[:3])
+    want = {k: v.astype(np.float64) for k, v in PARAMS.items()}
+    buf = {k: np.zeros_like(v) for k, v in want.items()}
+    for grads in GRADS[:3]:
+        for k in want:
+            g = grads[k].astype(np.float64)
+            buf[k] = mu * buf[k] + g
+            step = g + mu * buf[k] if nesterov else buf[k]
+            decay = (1 - LR * wd) if want[k].ndim >= 2 else 1.0
+            want[k] = want[k] * decay - LR * step
+    assert_trees_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_plain_sgd():
+    got = run(sgd(), PARAMS, GRADS[:1])
+    assert_trees_close(got, {k: PARAMS[k] - LR * GRADS[0][k] for k in PARAMS}, rtol=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------- all optimizers
+
+@pytest.mark.parametrize("name, options", [("adamw", {"weight_decay": 0.1}), ("muon", {"weight_decay": 0.1}),
+                                           ("muon_adamw", {"weight_decay": 0.1}),
+                                           ("sgd", {"momentum": 0.9, "nesterov": True}), ("sgd", {})])
+def test_update_compiles_to_the_same_result(name, options):
+    opt = optimizers.get(name)(**options)
+    params = to_mx({"embed": PARAMS["w"], "blocks": [{"w": PARAMS["w"].T, "b": PARAMS["b"]}]})
+    grads = tree_map(lambda a: a * 0.5 + 0.1, params)
+    compiled = mx.compile(opt.update)
+    outs = []
+    for update in (opt.update, compiled):
+        p, s = params, opt.init(params)
+        for _ in range(2):
+            p, s = update(grads, s, p, mx.array(LR))
+        mx.eval(p, s)
+        outs.append((to_np(p), to_np(s)))
+    assert_trees_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
+
+
+def test_registry_finds_optimizers_and_suggests_names():
+    assert optimizers.get("adamw") is adamw
+    for name in ("adamw", "muon", "muon_adamw", "sgd"):
+        assert optimizers.entry(name).summary
+    with pytest.raises(AbotError, match="did you mean 'adamw'"):
+        optimizers.get("adamww")
