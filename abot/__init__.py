@@ -1,7 +1,8 @@
 """abot: train small language models from scratch on MLX, as pure functions over parameter trees."""
 
-from abot.blas import ensure_fast_blas
+from abot.cpu import ensure_fast_blas, ensure_jit_flags
 
-ensure_fast_blas()  # must run before anything imports mlx.core
+ensure_fast_blas()  # both must run before anything imports mlx.core
+ensure_jit_flags()
 
 __version__ = "0.1.0"

@@ -15,7 +15,7 @@ import mlx.core as mx
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from abot import __version__, blas
+from abot import __version__, cpu
 from abot.build import build_documents, build_loss, build_model, build_optimizer, build_schedule, ensure_tokenizer
 from abot.checkpoint import latest_checkpoint, load_checkpoint, save_rotating
 from abot.config import Config
@@ -30,9 +30,9 @@ SAFE_MODEL_CHANGES = {"dropout"}
 
 
 def device_line() -> str:
-    dev = mx.default_device()
-    backend = "gpu (Metal)" if dev.type == mx.gpu and mx.metal.is_available() else str(dev)
-    return f"device: {backend}, BLAS: {blas.status}"
+    if mx.default_device() == mx.gpu:
+        return "device: gpu (" + ("Metal" if mx.metal.is_available() else "CUDA") + ")"
+    return f"device: cpu, BLAS: {cpu.status}, JIT: {cpu.jit_status}"
 
 
 def evaluate(eval_fn, params, batches) -> dict:
@@ -82,8 +82,9 @@ def train(cfg: Config, resume: bool = False, console: Console | None = None) -> 
     """Run `cfg` to `train.total_steps` (or until stopped); return the final summary."""
     console = console or Console()
     t, d = cfg.train, cfg.data
-    tokenizer = ensure_tokenizer(cfg, console.print)
+    # Registry lookups first: a typo'd name fails before any slow work.
     model, optimizer, schedule, loss_fn = build_model(cfg), build_optimizer(cfg), build_schedule(cfg), build_loss()
+    tokenizer = ensure_tokenizer(cfg, console.print)
     save_dir = Path(t.save_dir)
     log_dir = Path(t.log_path) if t.log_path else save_dir / "logs"
 

@@ -20,7 +20,7 @@ import abot  # noqa: F401  (loads the fast BLAS before mlx)
 import mlx.core as mx
 import numpy as np
 
-from abot import blas
+from abot import cpu
 from abot.config import ModelConfig
 from abot.losses import next_token
 from abot.models.transformer import count_params, transformer
@@ -29,6 +29,7 @@ from abot.step import init_state, make_train_step
 
 SHAPES = {  # NOTES.md benchmark shapes: (d_model, n_layers, n_heads, seq_len, batch)
     "tiny": (256, 6, 8, 256, 8),
+    "tiny128": (256, 6, 8, 128, 16),
     "small": (512, 8, 8, 512, 4),
 }
 VOCAB = 8000
@@ -91,7 +92,7 @@ def main():
     parser.add_argument("--variants", action="store_true", help="also: uncompiled, gradient checkpointing")
     args = parser.parse_args()
     mlx_peak, numpy_peak = matmul_peak_gflops()
-    print(f"BLAS: {blas.status}; fp32 1024^3 matmul: MLX {mlx_peak:.0f} GFLOP/s, numpy {numpy_peak:.0f} GFLOP/s")
+    print(f"BLAS: {cpu.status}; JIT: {cpu.jit_status}; fp32 1024^3 matmul: MLX {mlx_peak:.0f} GFLOP/s, numpy {numpy_peak:.0f} GFLOP/s")
     print("FLOPs/token = 6 * N_matmul + 12 * n_layers * seq_len * d_model")
     header = f"{'shape':6} {'optimizer':11} {'compile':7} {'ckpt':5} {'params':>7} {'tok/s':>8} {'step ms':>8} " \
              f"{'GFLOP/tok':>9} {'GFLOP/s':>8} {'% peak':>6} {'mem GB':>6}"

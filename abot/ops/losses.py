@@ -2,12 +2,14 @@
 
 import mlx.core as mx
 
+from abot.ops.elementwise import logsumexp
+
 
 def token_logprobs(logits: mx.array, targets: mx.array) -> mx.array:
     """log p(target) at every position: logits (..., V), targets (...) -> (...), float32."""
     logits = logits.astype(mx.float32)
     picked = mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return picked - mx.logsumexp(logits, axis=-1)
+    return picked - logsumexp(logits, axis=-1)
 
 
 def cross_entropy(logits: mx.array, targets: mx.array, mask: mx.array | None = None) -> mx.array:

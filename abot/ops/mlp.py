@@ -3,9 +3,11 @@
 import mlx.core as mx
 import mlx.nn as nn
 
+from abot.ops.elementwise import silu
+
 
 def swiglu(x: mx.array, w_gate: mx.array, w_up: mx.array, w_down: mx.array) -> mx.array:
-    return (nn.silu(x @ w_gate) * (x @ w_up)) @ w_down
+    return (silu(x @ w_gate) * (x @ w_up)) @ w_down
 
 
 def gelu_mlp(x: mx.array, w_up: mx.array, w_down: mx.array) -> mx.array:
