@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import abot  # noqa: F401  (loads the fast BLAS before mlx)
 import mlx.core as mx
@@ -33,6 +35,7 @@ SHAPES = {  # NOTES.md benchmark shapes: (d_model, n_layers, n_heads, seq_len, b
     "small": (512, 8, 8, 512, 4),
 }
 VOCAB = 8000
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # torch_reference.py beside this file
 
 
 def matmul_peak_gflops(n: int = 1024, repeats: int = 10) -> tuple[float, float]:
@@ -84,6 +87,16 @@ def bench(shape: str, optimizer: str, compile: bool, checkpointing: bool, steps:
             "peak_mem_gb": mx.get_peak_memory() / 1e9, "params_m": n_params / 1e6}
 
 
+def torch_reference(shape: str, steps: int) -> dict | None:
+    """The same model and AdamW step in PyTorch CPU eager, when torch is installed."""
+    try:
+        import torch_reference as ref
+    except ImportError:
+        return None
+    d, layers, heads, seq, batch = SHAPES[shape]
+    return ref.bench(d, layers, heads, seq, batch, VOCAB, steps)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10)
@@ -102,11 +115,21 @@ def main():
         runs = [(opt, True, False) for opt in args.optimizers.split(",")]
         if args.variants:
             runs += [(runs[0][0], False, False), (runs[0][0], True, True)]
+        results = {}
         for opt, compile, ckpt in runs:
-            r = bench(shape, opt, compile, ckpt, args.steps)
+            r = results[opt, compile, ckpt] = bench(shape, opt, compile, ckpt, args.steps)
             print(f"{shape:6} {opt:11} {str(compile):7} {str(ckpt):5} {r['params_m']:6.1f}M {r['tokens_per_s']:8.0f} "
                   f"{r['step_s'] * 1e3:8.1f} {r['flops_per_token'] / 1e9:9.3f} {r['gflops']:8.1f} "
                   f"{100 * r['gflops'] / mlx_peak:5.0f}% {r['peak_mem_gb']:6.2f}")
+        reference = torch_reference(shape, args.steps)
+        if reference:
+            fpt = next(iter(results.values()))["flops_per_token"]
+            print(f"{shape:6} {'torch adamw':11} {'eager':7} {'False':5} {'':7} {reference['tokens_per_s']:8.0f} "
+                  f"{reference['step_s'] * 1e3:8.1f} {fpt / 1e9:9.3f} {reference['tokens_per_s'] * fpt / 1e9:8.1f} "
+                  f"{100 * reference['tokens_per_s'] * fpt / 1e9 / mlx_peak:5.0f}%  ({reference['threads']} threads)")
+            for (opt, compile, ckpt), r in results.items():
+                print(f"{'':6} abot {opt} (compile={compile}, ckpt={ckpt}) / torch eager adamw: "
+                      f"{r['tokens_per_s'] / reference['tokens_per_s']:.2f}x")
 
 
 if __name__ == "__main__":

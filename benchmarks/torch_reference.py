@@ -1,0 +1,80 @@
+"""PyTorch CPU eager reference of abot's transformer and AdamW step, for side-by-side speed figures.
+
+Same model as abot/models/transformer.py: pre-RMSNorm, rotate-half RoPE, causal SDPA, SwiGLU MLP of
+mlp_multiple * d_model, tied embeddings, GPT-2 init; AdamW (betas 0.9/0.95, decay on matrices), global-norm
+clip 1.0, float32. Used by benchmarks/train_speed.py when torch is installed (`pip install torch==2.13.0`).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def rope_tables(seq: int, d_head: int, theta: float):
+    inv = theta ** (-torch.arange(0, d_head, 2, dtype=torch.float32) / d_head)
+    angles = torch.outer(torch.arange(seq, dtype=torch.float32), inv)
+    return angles.cos(), angles.sin()
+
+
+def rotate_half(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def init_params(vocab: int, d: int, layers: int, mlp_multiple: float = 4.0) -> dict:
+    h, std = int(mlp_multiple * d), 0.02
+    out_std = std / math.sqrt(2 * layers)
+    normal = lambda *shape, s=std: (torch.randn(*shape) * s).requires_grad_()  # noqa: E731
+    params = {"embed": normal(vocab, d), "final_norm": torch.ones(d, requires_grad=True)}
+    for i in range(layers):
+        for name, shape, s in [("wq", (d, d), std), ("wk", (d, d), std), ("wv", (d, d), std), ("wo", (d, d), out_std),
+                               ("w_gate", (d, h), std), ("w_up", (d, h), std), ("w_down", (h, d), out_std)]:
+            params[f"{i}.{name}"] = normal(*shape, s=s)
+        params[f"{i}.attn_norm"] = torch.ones(d, requires_grad=True)
+        params[f"{i}.mlp_norm"] = torch.ones(d, requires_grad=True)
+    return params
+
+
+def forward(params: dict, tokens, layers: int, heads: int, cos, sin, eps: float = 1e-5):
+    x = params["embed"][tokens]
+    b, t, d = x.shape
+    for i in range(layers):
+        p = lambda n: params[f"{i}.{n}"]  # noqa: E731
+        h = F.rms_norm(x, (d,), p("attn_norm"), eps)
+        q, k, v = ((h @ p(w)).view(b, t, heads, d // heads).transpose(1, 2) for w in ("wq", "wk", "wv"))
+        q, k = rotate_half(q, cos, sin), rotate_half(k, cos, sin)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, d)
+        x = x + a @ p("wo")
+        h = F.rms_norm(x, (d,), p("mlp_norm"), eps)
+        x = x + (F.silu(h @ p("w_gate")) * (h @ p("w_up"))) @ p("w_down")
+    x = F.rms_norm(x, (d,), params["final_norm"], eps)
+    return x @ params["embed"].T
+
+
+def bench(d: int, layers: int, heads: int, seq: int, batch: int, vocab: int, steps: int, warmup: int = 3) -> dict:
+    torch.manual_seed(0)
+    params = init_params(vocab, d, layers)
+    decay = [p for p in params.values() if p.ndim >= 2]
+    no_decay = [p for p in params.values() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.02}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
+    cos, sin = rope_tables(seq, d // heads, 10000.0)
+    tokens = torch.randint(0, vocab, (batch, seq + 1))
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        logits = forward(params, tokens[:, :-1], layers, heads, cos, sin)
+        loss = F.cross_entropy(logits.reshape(-1, vocab), tokens[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
+        opt.step()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    step_s = statistics.median(times)
+    return {"tokens_per_s": batch * seq / step_s, "step_s": step_s, "threads": torch.get_num_threads()}
