@@ -15,6 +15,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Train small language models from scratch on MLX.")
 tokenizer_app = typer.Typer(no_args_is_help=True, help="Train and inspect SentencePiece tokenizers.")
 app.add_typer(tokenizer_app, name="tokenizer")
+data_app = typer.Typer(no_args_is_help=True, help="Prepare training data (pre-tokenized shards).")
+app.add_typer(data_app, name="data")
 console = Console()
 
 OVERRIDES = typer.Argument(None, help="Dotted overrides, e.g. train.total_steps=20 data.seq_len=128")
@@ -74,6 +76,25 @@ def tokenizer_train(config: str = typer.Argument(..., help="YAML config: data so
         path.unlink(missing_ok=True)
     tok = ensure_tokenizer(cfg, console.print)
     console.print(f"Wrote {path}: {tok.vocab_size} tokens, sha256 {tok.sha256[:12]}.")
+
+
+@data_app.command("prepare")
+def data_prepare(config: str = typer.Argument(..., help="YAML config: the text source and the tokenizer"),
+                 overrides: Optional[List[str]] = OVERRIDES,
+                 out: str = typer.Option(..., "--out", help="folder to write the shards into"),
+                 max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="stop train after N tokens"),
+                 max_eval_tokens: int = typer.Option(10_000_000, "--max-eval-tokens", help="stop eval after N tokens"),
+                 shard_tokens: int = typer.Option(1 << 26, "--shard-tokens", help="tokens per shard file"),
+                 force: bool = typer.Option(False, "--force", help="replace shards already in --out")):
+    """Tokenize the configured data once into binary shards; train on them with data.source=shards data.dataset=DIR."""
+    from abot.config import load_config
+    from abot.data.shards import prepare
+
+    meta = prepare(load_config(config, overrides or []), out, max_tokens=max_tokens, max_eval_tokens=max_eval_tokens,
+                   tokens_per_shard=shard_tokens, force=force, say=console.print)
+    total = meta["splits"]["train"]["total_tokens"]
+    console.print(f"Wrote {out}: {total:,} train tokens ({meta['dtype']}). Train on them with: "
+                  f"abot train {config} data.source=shards data.dataset={out}")
 
 
 def main():

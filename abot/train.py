@@ -19,7 +19,7 @@ from abot import __version__, cpu
 from abot.build import build_documents, build_loss, build_model, build_optimizer, build_schedule, ensure_tokenizer
 from abot.checkpoint import latest_checkpoint, load_checkpoint, save_rotating
 from abot.config import Config
-from abot.data.pipeline import BatchStream, eval_batches
+from abot.data.loader import eval_data as build_eval_data, train_stream
 from abot.errors import AbotError
 from abot.metrics import RunLogger
 from abot.models.transformer import count_params
@@ -108,9 +108,8 @@ def train(cfg: Config, resume: bool = False, console: Console | None = None) -> 
                   f"schedule: {t.schedule} | precision: {t.precision} | batch: {t.grad_accum_steps} x "
                   f"{t.micro_batch_size} x {d.seq_len} = {tokens_per_step} tokens/step")
 
-    stream = BatchStream(build_documents(cfg, "train"), tokenizer, d.seq_len, (t.grad_accum_steps, t.micro_batch_size),
-                         d.shuffle_buffer, t.seed, d.num_workers, state=data_state)
-    eval_data = eval_batches(build_documents(cfg, "eval"), tokenizer, d.seq_len, t.micro_batch_size, t.eval_steps)
+    stream = train_stream(cfg, tokenizer, state=data_state)  # BatchStream, or WindowStream for shards
+    eval_data = build_eval_data(cfg, tokenizer)
     step_fn = make_train_step(model, loss_fn, optimizer, grad_accum_steps=t.grad_accum_steps,
                               max_grad_norm=t.max_grad_norm, precision=t.precision, compile=t.compile)
     eval_fn = make_eval_step(model, loss_fn, compile=t.compile)

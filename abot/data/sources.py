@@ -12,6 +12,10 @@ The contract every source (built-in or plugin, registry kind `datasets`) follows
   the batch pipeline resumes by replaying an epoch. Train may reorder per epoch; eval must not.
 - Configuration errors (a missing field, unreachable Hub, no files) raise AbotError when the source is
   built, not later in the middle of training.
+
+A source may instead return token windows ready for training: an object with random access to a token
+stream (`abot.data.pipeline.WindowSource`, e.g. `shards` in abot.data.shards, pre-tokenized by `abot data
+prepare`). Those skip tokenization and resume in O(1) (`abot.data.pipeline.WindowStream`).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Any, Callable, Iterable, Iterator
 from urllib.parse import urlparse
 
 from abot.config import DataConfig
+from abot.data.known import with_known_defaults
 from abot.data.pipeline import buffer_shuffle, epoch_rng
 from abot.errors import AbotError
 
@@ -66,13 +71,47 @@ def stdlib_docs(data: DataConfig, split: str, seed: int, shuffle_buffer: int = 1
 
 # --- Hugging Face datasets: the Hub, local folders, or local files through a packaged loader ------------
 
-def huggingface(data: DataConfig, split: str, seed: int, doc_shuffle_buffer: int = 0) -> Documents:
+def huggingface(data: DataConfig, split: str, seed: int, doc_shuffle_buffer: int = 0,
+                min_score: dict | None = None) -> Documents:
     """Any `datasets.load_dataset` source; eval is `data.eval_split`, or a deterministic carve of the train split.
 
     `doc_shuffle_buffer` (source_args): documents held in a per-epoch shuffle buffer for train (0 = the
     stored order; the batch pipeline's window shuffle still mixes nearby documents).
+    `min_score` (source_args): `{field: NAME, value: X}` keeps only rows whose numeric field NAME (dotted
+    for nested fields) is >= X, in train and eval alike, e.g. `{field: language_score, value: 0.65}` on
+    FineWeb. Rows where it is null are dropped. The eval carve is decided before this filter.
+    Datasets the guide names get their known defaults first (abot.data.known).
     """
+    data = with_known_defaults(data)
+    rows = huggingface_rows(data, split, seed, doc_shuffle_buffer=0, min_score=min_score)
+    text_of(rows.first, data.text_field, data.dataset)  # fail now on a wrong data.text_field
+
+    def documents(epoch: int) -> Iterator[str]:
+        texts = (text_of(row, data.text_field, data.dataset) for row in rows(epoch))
+        texts = (t for t in texts if t)  # null or empty text: nothing to learn from
+        if split == "train" and doc_shuffle_buffer > 1:
+            texts = buffer_shuffle(texts, doc_shuffle_buffer, epoch_rng(seed, epoch))
+        yield from texts
+
+    return documents
+
+
+class Rows:
+    """A split's rows as dicts, per epoch (callable like Documents); `first` is the first row kept."""
+
+    def __init__(self, rows_of: Callable[[int], Iterator[dict]], first: dict):
+        self._rows_of, self.first = rows_of, first
+
+    def __call__(self, epoch: int) -> Iterator[dict]:
+        return self._rows_of(epoch)
+
+
+def huggingface_rows(data: DataConfig, split: str, seed: int, doc_shuffle_buffer: int = 0,
+                     min_score: dict | None = None) -> Rows:
+    """The rows behind `huggingface`, as dicts (for sources whose documents are not one text field, e.g.
+    chat `messages`): same known defaults, eval carve or eval_split, `min_score` filter and shuffle."""
     _check_split(split)
+    data = with_known_defaults(data)
     carve = data.eval_split is None  # eval = documents of data.split whose index hashes under eval_fraction
     if split == "eval" and carve and data.eval_fraction <= 0:
         raise AbotError("data.eval_fraction is 0 and data.eval_split is null, so no documents are held out "
@@ -83,22 +122,51 @@ def huggingface(data: DataConfig, split: str, seed: int, doc_shuffle_buffer: int
     first = next(iter(dataset), None)
     if first is None:
         raise AbotError(f"data.dataset '{data.dataset}' ({key}: {hf_split}) has no rows")
-    text_of(first, data.text_field, data.dataset)  # fail now on a wrong data.text_field
+    passes = _score_filter(min_score, first, data.dataset)
 
     keep: Callable[[int], bool] = lambda i: True
     if carve and data.eval_fraction > 0:
         fraction = data.eval_fraction
         keep = (lambda i: held_out(i, fraction)) if split == "eval" else (lambda i: not held_out(i, fraction))
 
-    def documents(epoch: int) -> Iterator[str]:
-        texts = (text_of(row, data.text_field, data.dataset) for i, row in enumerate(_rows(dataset, data))
-                 if keep(i))
-        texts = (t for t in texts if t)  # null or empty text: nothing to learn from
+    def rows(epoch: int) -> Iterator[dict]:
+        kept = (row for i, row in enumerate(_rows(dataset, data)) if keep(i) and passes(row))
         if split == "train" and doc_shuffle_buffer > 1:
-            texts = buffer_shuffle(texts, doc_shuffle_buffer, epoch_rng(seed, epoch))
-        yield from texts
+            kept = buffer_shuffle(kept, doc_shuffle_buffer, epoch_rng(seed, epoch))
+        yield from kept
 
-    return documents
+    if min_score is not None:  # one more pass over the start of the stream, to fail now, not mid-training
+        first = next(rows(0), None)
+        if first is None:
+            raise AbotError(f"data.dataset '{data.dataset}' ({key}: {hf_split}): no row has "
+                            f"{min_score['field']} >= {min_score['value']} (data.source_args.min_score)")
+    return Rows(rows, first)
+
+
+def _score_filter(min_score: dict | None, first: dict, dataset: str) -> Callable[[dict], bool]:
+    """The row predicate for source_args.min_score ({field, value}); checks it against the first row."""
+    if min_score is None:
+        return lambda row: True
+    if not isinstance(min_score, dict) or set(min_score) != {"field", "value"} \
+            or not isinstance(min_score["field"], str) or isinstance(min_score["value"], bool) \
+            or not isinstance(min_score["value"], (int, float)):
+        raise AbotError(f"data.source_args.min_score: expected {{field: NAME, value: NUMBER}}, got {min_score!r}")
+    field, threshold = min_score["field"], float(min_score["value"])
+
+    def score(row: dict):
+        value = row
+        for part in [field] if field in row else field.split("."):
+            if not isinstance(value, dict) or part not in value:
+                raise AbotError(f"data.source_args.min_score: '{field}' is not a field of '{dataset}'; its fields "
+                                f"are: {', '.join(field_names(row))}")
+            value = value[part]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise AbotError(f"data.source_args.min_score: '{field}' of '{dataset}' holds "
+                            f"{type(value).__name__} values, not numbers")
+        return value
+
+    score(first)  # fail now on a wrong field
+    return lambda row: (s := score(row)) is not None and s >= threshold
 
 
 def held_out(index: int, fraction: float) -> bool:

@@ -123,6 +123,7 @@ schedules = Registry("schedules", {
 datasets = Registry("datasets", {
     "huggingface": "abot.data.sources:huggingface",
     "stdlib_docs": "abot.data.sources:stdlib_docs",
+    "shards": "abot.data.shards:shards",
 })
 losses = Registry("losses", {"next_token": "abot.losses:next_token"})
 
