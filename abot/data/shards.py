@@ -253,7 +253,7 @@ class ShardSet:
             if size != count * self.dtype.itemsize:
                 raise AbotError(f"{path}: " + ("missing" if size < 0 else f"{size} bytes, expected "
                                                f"{count * self.dtype.itemsize}")
-                                + f"; the shards folder is damaged, run `abot data prepare` again")
+                                + "; the shards folder is damaged, run `abot data prepare` again")
         self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.n_tokens = int(self.starts[-1])
         self._maps: dict[int, np.memmap] = {}
