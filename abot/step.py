@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx.utils import tree_map, tree_reduce
 
 from abot.optim.base import Optimizer
@@ -43,15 +44,22 @@ def clip_by_global_norm(grads, norm: mx.array, max_norm: float):
 
 
 def make_train_step(model, loss_fn: Callable, optimizer: Optimizer, *, grad_accum_steps: int,
-                    max_grad_norm: float, precision: str = "float32", compile: bool = True):
+                    max_grad_norm: float, precision: str = "float32", compile: bool = True,
+                    group: mx.distributed.Group | None = None):
     """Build `step(state, batch, lr) -> (state, metrics)`.
 
     `batch` has a leading axis of `grad_accum_steps` micro-batches (an array or a dict of arrays);
     `lr` is a scalar array. Metrics: loss (mean over micro-batches), grad_norm (before clipping),
     finite (1.0 when the update was applied), loss_scale, plus the loss function's own metrics.
+    With a distributed `group` of several ranks, gradients and metrics are averaged across ranks
+    before clipping, so every rank applies the same update to the same parameters.
     """
     compute_dtype = DTYPES[precision]
     dynamic_scaling = precision == "float16"
+    world = group.size() if group is not None else 1
+
+    def across_ranks(tree):
+        return tree if world == 1 else tree_map(lambda x: mx.distributed.all_sum(x, group=group) / world, tree)
 
     def scaled_loss(params, micro, key, scale):
         if compute_dtype != mx.float32:  # master weights stay float32; compute in low precision
@@ -74,6 +82,9 @@ def make_train_step(model, loss_fn: Callable, optimizer: Optimizer, *, grad_accu
         inv = 1.0 / (grad_accum_steps * scale)
         grads = tree_map(lambda g: g.astype(mx.float32) * inv, grads)
         loss = loss / (grad_accum_steps * scale)
+        if world > 1:  # data parallel: all-reduce in 32 MiB buckets, then the metrics
+            grads = nn.average_gradients(grads, group=group)
+            loss, aux_sum = across_ranks((loss, aux_sum))
         norm = global_norm(grads)
         finite = mx.isfinite(norm) & mx.isfinite(loss)
         grads = clip_by_global_norm(grads, norm, max_grad_norm)
