@@ -97,6 +97,82 @@ def data_prepare(config: str = typer.Argument(..., help="YAML config: the text s
                   f"abot train {config} data.source=shards data.dataset={out}")
 
 
+# --- inference, evaluation, export (abot/generate.py, abot/evaluate.py, abot/export.py) ---------------------
+
+CKPT = typer.Argument(..., help="checkpoint file, e.g. checkpoints/tiny/step_00000300.ckpt")
+TOKENIZER = typer.Option(None, "--tokenizer", help="SentencePiece model (default: the config's train.tokenizer_path)")
+MAX_NEW = typer.Option(256, "--max-new-tokens", help="most tokens to generate")
+TEMPERATURE = typer.Option(0.8, "--temperature", help="0 = greedy")
+TOP_K = typer.Option(0, "--top-k", help="keep the k most likely tokens (0 = off)")
+TOP_P = typer.Option(0.95, "--top-p", help="nucleus: keep the most likely tokens up to this mass (1 = off)")
+SEED = typer.Option(0, "--seed", help="sampling seed")
+
+
+@app.command()
+def generate(checkpoint: str = CKPT, prompt: str = typer.Option("", "--prompt", "-p", help="text to continue"),
+             max_new_tokens: int = MAX_NEW, temperature: float = TEMPERATURE, top_k: int = TOP_K,
+             top_p: float = TOP_P, seed: int = SEED, tokenizer: Optional[str] = TOKENIZER):
+    """Continue a prompt, streaming the text (KV-cached sampling)."""
+    from abot.generate import check_sampling, load_for_inference, run_generate
+
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
+    stats = run_generate(load_for_inference(checkpoint, tokenizer), prompt, write=print,
+                         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    Console(stderr=True).print(f"[dim]{stats['tokens']} tokens in {stats['seconds']:.2f} s "
+                               f"({stats['tokens_per_s']:.1f} tokens/s)[/]")
+
+
+@app.command()
+def chat(checkpoint: str = CKPT, system: Optional[str] = typer.Option(None, "--system", help="system message"),
+         max_new_tokens: int = MAX_NEW, temperature: float = TEMPERATURE, top_k: int = TOP_K, top_p: float = TOP_P,
+         seed: int = SEED, tokenizer: Optional[str] = TOKENIZER):
+    """Chat in the terminal with the chat template; Ctrl-D or Ctrl-C quits, /reset clears the history."""
+    from abot.generate import chat_loop, check_sampling, load_for_inference
+
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
+    try:
+        loaded = load_for_inference(checkpoint, tokenizer)
+        if sys.stdin.isatty():
+            import readline  # noqa: F401  (line editing for input())
+        Console(stderr=True).print(f"[dim]{checkpoint} (step {loaded.step}). Ctrl-D to quit, /reset to clear.[/]")
+        code = chat_loop(loaded, system=system, max_new_tokens=max_new_tokens, temperature=temperature,
+                         top_k=top_k, top_p=top_p, seed=seed)
+    except KeyboardInterrupt:
+        code = 0
+    raise typer.Exit(code)
+
+
+@app.command("eval")
+def eval_command(checkpoint: str = CKPT,
+                 overrides: Optional[List[str]] = typer.Argument(None, help="data.*/train.* overrides"),
+                 data: Optional[List[str]] = typer.Option(None, "--data", help="YAML config (its data section) "
+                                                          "or data.key=value; repeatable"),
+                 split: str = typer.Option("eval", "--split", help="eval or train"),
+                 steps: Optional[int] = typer.Option(None, "--steps", help="micro-batches (default train.eval_steps)"),
+                 tokenizer: Optional[str] = TOKENIZER,
+                 as_json: bool = typer.Option(False, "--json", help="print the result as JSON only")):
+    """Held-out loss and perplexity (default: the checkpoint config's eval split)."""
+    import json
+
+    from abot.evaluate import evaluate_checkpoint, result_table
+
+    result = evaluate_checkpoint(checkpoint, [*(data or []), *(overrides or [])], split, steps, tokenizer)
+    if as_json:
+        print(json.dumps(result))
+    else:
+        console.print(result_table(result))
+
+
+@app.command()
+def export(checkpoint: str = CKPT, out: str = typer.Option(..., "--out", help="folder to write"),
+           tokenizer: Optional[str] = TOKENIZER,
+           force: bool = typer.Option(False, "--force", help="write into a non-empty folder")):
+    """Export as a Hugging Face Llama folder (config.json, model.safetensors, tokenizer files)."""
+    from abot.export import export_checkpoint
+
+    export_checkpoint(checkpoint, out, tokenizer, say=console.print, force=force)
+
+
 def main():
     """Entry point: user errors print one clear message, not a traceback."""
     try:

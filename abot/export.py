@@ -1,0 +1,179 @@
+"""`abot export`: a checkpoint as a Hugging Face Llama folder (LlamaForCausalLM, float32 safetensors).
+
+abot's transformer is Llama's architecture with multi-head attention (num_key_value_heads ==
+num_attention_heads), no biases, RMSNorm (same formula as LlamaRMSNorm), a SwiGLU MLP and RoPE in the
+"rotate-half" layout (mx.fast.rope with traditional=False: dimension i pairs with i + head_dim/2, the
+layout of Hugging Face's LlamaAttention), so q_proj/k_proj need no permutation: every weight is only
+transposed from abot's (in, out) to torch's (out, in). Tensor names:
+
+    embed                    -> model.embed_tokens.weight        (vocab, d)
+    blocks[i].wq / wk / wv   -> model.layers.{i}.self_attn.{q,k,v}_proj.weight
+    blocks[i].wo             -> model.layers.{i}.self_attn.o_proj.weight
+    blocks[i].w_gate / w_up  -> model.layers.{i}.mlp.{gate,up}_proj.weight
+    blocks[i].w_down         -> model.layers.{i}.mlp.down_proj.weight
+    blocks[i].attn_norm      -> model.layers.{i}.input_layernorm.weight
+    blocks[i].mlp_norm       -> model.layers.{i}.post_attention_layernorm.weight
+    final_norm               -> model.norm.weight
+    head (untied only)       -> lm_head.weight                    (tie_word_embeddings otherwise)
+
+Dropout is an inference no-op and is dropped. GELU MLPs are refused: Llama has no GELU variant.
+The tokenizer is the SentencePiece file itself; abot never adds BOS (nor EOS) when encoding, so the
+exported tokenizer is configured with add_bos_token/add_eos_token false and no dummy prefix space.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+import abot  # noqa: F401  (BLAS before mlx.core)
+
+import mlx.core as mx
+
+from abot.chat_template import END_ID
+from abot.checkpoint import load_checkpoint
+from abot.config import Config
+from abot.errors import AbotError
+from abot.generate import checkpoint_params, load_checkpoint_config, resolve_tokenizer
+from abot.models.transformer import hidden_size
+from abot.tokenizer import BOS, BOS_ID, CHAT_MARKERS, EOS, EOS_ID, FIRST_USER_ID, PAD, PAD_ID, UNK, UNK_ID
+
+# The chat template of abot.chat_template, as Jinja for transformers' apply_chat_template.
+CHAT_TEMPLATE_JINJA = (
+    "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def _to_numpy(a: mx.array) -> np.ndarray:
+    return np.asarray(a.astype(mx.float32))
+
+
+def hf_tensors(params: dict, cfg: Config) -> dict[str, np.ndarray]:
+    """abot parameters -> Hugging Face Llama state dict (float32, torch's (out, in) layout, contiguous)."""
+    m = cfg.model
+    if m.ffn_activation != "silu":
+        raise AbotError(f"model.ffn_activation is '{m.ffn_activation}': a GELU MLP has no Llama equivalent "
+                        "(LlamaForCausalLM is SwiGLU only), so this model cannot be exported as Llama")
+    if m.name != "transformer":
+        raise AbotError(f"model.name is '{m.name}': only abot's built-in 'transformer' maps onto Llama")
+
+    def linear(w):  # (in, out) -> (out, in)
+        return np.ascontiguousarray(_to_numpy(w).T)
+
+    out = {"model.embed_tokens.weight": np.ascontiguousarray(_to_numpy(params["embed"]))}
+    names = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj", "wo": "self_attn.o_proj",
+             "w_gate": "mlp.gate_proj", "w_up": "mlp.up_proj", "w_down": "mlp.down_proj"}
+    for i, block in enumerate(params["blocks"]):
+        for ours, theirs in names.items():
+            out[f"model.layers.{i}.{theirs}.weight"] = linear(block[ours])
+        out[f"model.layers.{i}.input_layernorm.weight"] = _to_numpy(block["attn_norm"])
+        out[f"model.layers.{i}.post_attention_layernorm.weight"] = _to_numpy(block["mlp_norm"])
+    out["model.norm.weight"] = _to_numpy(params["final_norm"])
+    if not m.tie_embeddings:
+        out["lm_head.weight"] = linear(params["head"])
+    return out
+
+
+def hf_config(cfg: Config) -> dict:
+    m = cfg.model
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": m.d_model,
+        "intermediate_size": hidden_size(m),
+        "num_hidden_layers": m.n_layers,
+        "num_attention_heads": m.n_heads,
+        "num_key_value_heads": m.n_heads,
+        "head_dim": m.d_model // m.n_heads,
+        "hidden_act": "silu",
+        "rms_norm_eps": m.norm_eps,
+        "rope_theta": m.rope_theta,
+        "rope_scaling": None,
+        "vocab_size": m.vocab_size,
+        "max_position_embeddings": m.max_seq_len,
+        "tie_word_embeddings": m.tie_embeddings,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "initializer_range": 0.02,
+        "pretraining_tp": 1,
+        "use_cache": True,
+        "torch_dtype": "float32",
+        "bos_token_id": BOS_ID,
+        "eos_token_id": EOS_ID,
+        "pad_token_id": PAD_ID,
+    }
+
+
+def _token(content: str, **extra) -> dict:
+    return {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+            **extra}
+
+
+def tokenizer_files(model_max_length: int) -> dict[str, dict]:
+    """tokenizer_config.json and special_tokens_map.json for the copied SentencePiece model."""
+    specials = {PAD_ID: PAD, UNK_ID: UNK, BOS_ID: BOS, EOS_ID: EOS}
+    specials.update({FIRST_USER_ID + i: marker for i, marker in enumerate(CHAT_MARKERS)})
+    tokenizer_config = {
+        "tokenizer_class": "LlamaTokenizer",
+        "add_bos_token": False,  # abot trains and generates without BOS
+        "add_eos_token": False,
+        "add_prefix_space": False,  # the SentencePiece model has no dummy prefix: " a" and "a" differ
+        "legacy": False,
+        "clean_up_tokenization_spaces": False,
+        "spaces_between_special_tokens": False,
+        "sp_model_kwargs": {},
+        "bos_token": BOS, "eos_token": EOS, "unk_token": UNK, "pad_token": PAD,
+        "additional_special_tokens": list(CHAT_MARKERS),
+        "added_tokens_decoder": {str(i): _token(s, special=True) for i, s in sorted(specials.items())},
+        "model_max_length": model_max_length,
+        "chat_template": CHAT_TEMPLATE_JINJA,
+    }
+    special_tokens_map = {"bos_token": _token(BOS), "eos_token": _token(EOS), "unk_token": _token(UNK),
+                          "pad_token": _token(PAD), "additional_special_tokens": [_token(m) for m in CHAT_MARKERS]}
+    return {"tokenizer_config.json": tokenizer_config, "special_tokens_map.json": special_tokens_map}
+
+
+def generation_config() -> dict:
+    return {"bos_token_id": BOS_ID, "eos_token_id": [EOS_ID, END_ID], "pad_token_id": PAD_ID,
+            "do_sample": False, "_from_model_config": False}
+
+
+def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, tokenizer_path: str | Path | None = None,
+                      say: Callable[[str], None] = print, force: bool = False) -> Path:
+    """Write the Hugging Face Llama folder for `ckpt_path` into `out_dir`; returns `out_dir`."""
+    from safetensors.numpy import save_file
+
+    ckpt_path, out_dir = Path(ckpt_path), Path(out_dir)
+    ckpt = load_checkpoint(ckpt_path)
+    cfg = load_checkpoint_config(ckpt, ckpt_path)
+    tensors = hf_tensors(checkpoint_params(ckpt, ckpt_path), cfg)  # refuses GELU before writing anything
+    tokenizer = resolve_tokenizer(cfg, ckpt.meta, ckpt_path, tokenizer_path)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise AbotError(f"--out {out_dir}: exists and is not a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise AbotError(f"--out {out_dir}: the folder is not empty; choose a new folder or pass --force")
+    if cfg.model.dropout > 0:
+        say(f"Note: model.dropout {cfg.model.dropout} is dropped (inference only; Llama has no dropout here).")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights = out_dir / "model.safetensors"
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    weights.chmod(0o666 & ~umask)  # safetensors writes 0600; give it the usual permissions of a new file
+    files = {"config.json": hf_config(cfg), "generation_config.json": generation_config(),
+             **tokenizer_files(cfg.model.max_seq_len)}
+    for name, content in files.items():
+        (out_dir / name).write_text(json.dumps(content, indent=2) + "\n")
+    shutil.copyfile(tokenizer.path, out_dir / "tokenizer.model")
+    n = sum(t.size for t in tensors.values())
+    say(f"Exported {ckpt_path} (step {ckpt.step}, {n / 1e6:.2f}M parameters, float32) to {out_dir} as "
+        "LlamaForCausalLM: config.json, model.safetensors, tokenizer.model, tokenizer_config.json, "
+        "special_tokens_map.json, generation_config.json.")
+    return out_dir
