@@ -36,6 +36,32 @@ def train(config: str = typer.Argument(..., help="YAML config, e.g. configs/tiny
         console.print(f"Done: step {summary['final_step']}, eval loss {final['loss']:.4f}, ppl {final['ppl']:.2f}.")
 
 
+def _finetune(stage: str, config: str, overrides: Optional[List[str]], resume: bool) -> None:
+    from abot.config import load_config
+    from abot.train import describe_eval, train as run
+
+    summary = run(load_config(config, overrides or []), resume=resume, console=console, stage=stage)
+    final = summary.get("final_eval") or {}
+    if final:
+        console.print(f"Done: step {summary['final_step']}, eval {describe_eval(final)}.")
+
+
+@app.command()
+def sft(config: str = typer.Argument(..., help="YAML config, e.g. configs/sft.yaml"),
+        overrides: Optional[List[str]] = OVERRIDES,
+        resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in save_dir")):
+    """Supervised fine-tuning on conversations (loss on assistant tokens), from train.init_from."""
+    _finetune("sft", config, overrides, resume)
+
+
+@app.command()
+def dpo(config: str = typer.Argument(..., help="YAML config, e.g. configs/dpo.yaml"),
+        overrides: Optional[List[str]] = OVERRIDES,
+        resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in save_dir")):
+    """Preference tuning (DPO, or train.loss: ipo) on chosen/rejected pairs, from train.init_from."""
+    _finetune("dpo", config, overrides, resume)
+
+
 @app.command("list")
 def list_entries(kind: Optional[str] = typer.Argument(None, help="optimizers, schedules, models, datasets, losses")):
     """List what the registry knows: built-ins and installed plugins."""

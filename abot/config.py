@@ -55,6 +55,7 @@ class DataConfig:
     num_workers: int = 2  # tokenizer threads
     cache_dir: Union[str, None] = None  # Hugging Face cache directory
     streaming: bool = True
+    overlong: str = "truncate"  # SFT/DPO: a conversation over seq_len + 1 tokens: "truncate" or "drop" (counted)
 
 
 @dataclass
@@ -86,6 +87,9 @@ class TrainConfig:
     schedule_args: dict = field(default_factory=dict)
     seed: int = 0
     max_nonfinite_steps: int = 20  # consecutive skipped (non-finite) steps before the run stops
+    init_from: Union[str, None] = None  # SFT/DPO: start from this checkpoint (file or save_dir): weights only
+    loss: Union[str, None] = None  # registered loss (abot list losses); null: the command's (next_token, sft, dpo)
+    loss_args: dict = field(default_factory=dict)  # options for the loss, e.g. {beta: 0.1} for dpo/ipo
 
 
 @dataclass

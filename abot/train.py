@@ -16,11 +16,13 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from abot import __version__, cpu
-from abot.build import build_documents, build_loss, build_model, build_optimizer, build_schedule, ensure_tokenizer
+from abot.build import build_documents, build_model, build_optimizer, build_schedule, ensure_tokenizer
 from abot.checkpoint import latest_checkpoint, load_checkpoint, save_rotating
 from abot.config import Config
 from abot.data.loader import eval_data as build_eval_data, train_stream
 from abot.errors import AbotError
+from abot.finetune.batches import describe as describe_data
+from abot.finetune.stage import SEQUENCES_PER_EXAMPLE, check_stage, load_init_params, stage_data, stage_loss
 from abot.metrics import RunLogger
 from abot.models.transformer import count_params
 from abot.step import init_state, make_eval_step, make_train_step
@@ -33,6 +35,12 @@ def device_line() -> str:
     if mx.default_device() == mx.gpu:
         return "device: gpu (" + ("Metal" if mx.metal.is_available() else "CUDA") + ")"
     return f"device: cpu, BLAS: {cpu.status}, JIT: {cpu.jit_status}"
+
+
+def describe_eval(result: dict) -> str:
+    """"loss 2.3456, ppl 10.44" and any other eval metrics (fine-tuning: accuracy, reward margin, ...)."""
+    parts = [f"loss {result['loss']:.4f}"] + ([f"ppl {result['ppl']:.2f}"] if "ppl" in result else [])
+    return ", ".join(parts + [f"{k} {v:.4f}" for k, v in result.items() if k not in ("loss", "ppl")])
 
 
 def evaluate(eval_fn, params, batches) -> dict:
@@ -78,18 +86,26 @@ class _StopRequest:
             signal.signal(s, handler)
 
 
-def train(cfg: Config, resume: bool = False, console: Console | None = None) -> dict:
-    """Run `cfg` to `train.total_steps` (or until stopped); return the final summary."""
+def train(cfg: Config, resume: bool = False, console: Console | None = None, stage: str = "pretrain") -> dict:
+    """Run `cfg` to `train.total_steps` (or until stopped); return the final summary.
+
+    `stage` picks the batches and the default loss: "pretrain" (token windows, next_token), "sft"
+    (conversations, sft) or "dpo" (preference pairs, dpo); see abot.finetune.stage.
+    """
     console = console or Console()
     t, d = cfg.train, cfg.data
     # Registry lookups first: a typo'd name fails before any slow work.
-    model, optimizer, schedule, loss_fn = build_model(cfg), build_optimizer(cfg), build_schedule(cfg), build_loss()
+    check_stage(stage, cfg)
+    model, optimizer, schedule = build_model(cfg), build_optimizer(cfg), build_schedule(cfg)
+    loss_fn = stage_loss(cfg, stage)
     tokenizer = ensure_tokenizer(cfg, console.print)
     save_dir = Path(t.save_dir)
     log_dir = Path(t.log_path) if t.log_path else save_dir / "logs"
 
     init_key, key = mx.random.split(mx.random.key(t.seed))
-    state = init_state(model.init(init_key), optimizer, key, t.precision)
+    # train.init_from: weights only (fresh optimizer state and schedule); also DPO's frozen reference model.
+    init_params, init_path = load_init_params(cfg, tokenizer, model) if t.init_from else (model.init(init_key), None)
+    state = init_state(init_params, optimizer, key, t.precision)
     start, data_state = 0, None
     ckpt_path = t.checkpoint_path or (latest_checkpoint(save_dir) if resume else None)
     if resume and ckpt_path is None:
@@ -100,23 +116,34 @@ def train(cfg: Config, resume: bool = False, console: Console | None = None) -> 
         safe_changes = check_resumable(ckpt, cfg, tokenizer, ckpt_path)
         state, start, data_state = ckpt.trees["state"], ckpt.step, ckpt.meta.get("data_state")
         console.print(f"Resumed from {ckpt_path} at step {start}.")
+    elif init_path:
+        console.print(f"Starting from {init_path} (weights only: fresh optimizer state and schedule).")
 
-    tokens_per_step = t.grad_accum_steps * t.micro_batch_size * d.seq_len
+    tokens_per_step = t.grad_accum_steps * t.micro_batch_size * d.seq_len * SEQUENCES_PER_EXAMPLE[stage]
     n_params = count_params(state["params"])
     console.print(f"abot {__version__} | {device_line()}")
     console.print(f"model: {cfg.model.name}, {n_params / 1e6:.2f}M parameters | optimizer: {t.optimizer} | "
                   f"schedule: {t.schedule} | precision: {t.precision} | batch: {t.grad_accum_steps} x "
                   f"{t.micro_batch_size} x {d.seq_len} = {tokens_per_step} tokens/step")
 
-    stream = train_stream(cfg, tokenizer, state=data_state)  # BatchStream, or WindowStream for shards
-    eval_data = build_eval_data(cfg, tokenizer)
+    finetune = None
+    if stage == "pretrain":
+        stream = train_stream(cfg, tokenizer, state=data_state)  # BatchStream, or WindowStream for shards
+        eval_data = build_eval_data(cfg, tokenizer)
+    else:  # conversations or preference pairs (abot.finetune)
+        finetune = stage_data(stage, cfg, tokenizer, model, loss_fn, reference=init_params, data_state=data_state,
+                              say=console.print)
+        stream, eval_data = finetune.stream, finetune.eval_batches
     step_fn = make_train_step(model, loss_fn, optimizer, grad_accum_steps=t.grad_accum_steps,
                               max_grad_norm=t.max_grad_norm, precision=t.precision, compile=t.compile)
     eval_fn = make_eval_step(model, loss_fn, compile=t.compile)
+    prepare, run_eval = mx.array, lambda params: evaluate(eval_fn, params, eval_data) if eval_data else {}
+    if finetune:
+        prepare, run_eval = finetune.prepare, finetune.evaluate
 
     def save(step: int) -> Path:
         meta = {"config": cfg.to_dict(), "tokenizer_sha256": tokenizer.sha256, "data_state": stream.state(),
-                "n_params": n_params}
+                "n_params": n_params, "stage": stage}
         path = save_rotating(save_dir, {"state": state}, step, meta, t.ckpt_keep)
         size = path.stat().st_size
         logger.event("checkpoint", step=step, path=str(path), bytes=size)
@@ -126,6 +153,7 @@ def train(cfg: Config, resume: bool = False, console: Console | None = None) -> 
     summary = {"abot_version": __version__, "n_params": n_params, "start_step": start, "tokens_per_step": tokens_per_step}
     done, skipped, bad_run, last_eval, last_ckpt, stopped, diverged = start, 0, 0, {}, None, None, False
     window_loss, window_t0, window_steps = [], time.perf_counter(), 0
+    window_metrics: list[dict] = []  # the loss function's own metrics (DPO: rewards, accuracy)
     run_t0 = time.perf_counter()
     columns = [TextColumn("[bold]step {task.completed}/{task.total}"), BarColumn(), TextColumn("{task.description}"),
                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
@@ -135,9 +163,14 @@ def train(cfg: Config, resume: bool = False, console: Console | None = None) -> 
             logger.event("resume_config_changes", changes=safe_changes)
             console.print("Config changes since the checkpoint: " + "; ".join(safe_changes))
         bar = progress.add_task("", total=t.total_steps, completed=start)
+        if finetune and start == 0:  # where fine-tuning starts from, for comparison
+            summary["initial_eval"] = run_eval(state["params"])
+            if summary["initial_eval"]:
+                logger.log(0, summary["initial_eval"], prefix="eval")
+                console.print(f"step 0: eval {describe_eval(summary['initial_eval'])}")
         for step in range(start, t.total_steps):
             lr = schedule(step)
-            state, metrics = step_fn(state, mx.array(next(stream)), mx.array(lr, dtype=mx.float32))
+            state, metrics = step_fn(state, prepare(next(stream)), mx.array(lr, dtype=mx.float32))
             mx.eval(state, metrics)
             window_steps += 1
             if metrics["finite"].item() == 0.0:
@@ -148,6 +181,8 @@ def train(cfg: Config, resume: bool = False, console: Console | None = None) -> 
             else:
                 bad_run = 0
                 window_loss.append(metrics["loss"])
+                window_metrics.append({k: v for k, v in metrics.items()
+                                       if k not in ("loss", "grad_norm", "finite", "loss_scale")})
             done = step + 1
             progress.update(bar, completed=done)
             if done % t.log_interval == 0 or done == t.total_steps:
@@ -159,13 +194,16 @@ def train(cfg: Config, resume: bool = False, console: Console | None = None) -> 
                        "skipped_steps": skipped}
                 if t.precision == "float16":
                     row["loss_scale"] = metrics["loss_scale"].item()
+                row.update({k: mx.stack([m[k] for m in window_metrics]).mean().item() for k in
+                            (window_metrics[0] if window_metrics else {})})
+                window_metrics = []
                 logger.log(done, row)
                 progress.update(bar, description=f"loss {loss:.3f} | lr {lr:.2e} | {row['tokens_per_s']:,.0f} tok/s")
                 window_loss, window_t0, window_steps = [], time.perf_counter(), 0
             if eval_data and (done % t.eval_interval == 0 or done == t.total_steps):
-                last_eval = evaluate(eval_fn, state["params"], eval_data)
+                last_eval = run_eval(state["params"])
                 logger.log(done, last_eval, prefix="eval")
-                console.print(f"step {done}: eval loss {last_eval['loss']:.4f}, ppl {last_eval['ppl']:.2f}")
+                console.print(f"step {done}: eval {describe_eval(last_eval)}")
             if stop.signal and not stopped:
                 stopped = f"received {stop.signal}"
             if done % t.ckpt_interval == 0 or done == t.total_steps or stopped:
@@ -181,6 +219,9 @@ def train(cfg: Config, resume: bool = False, console: Console | None = None) -> 
                         "tokens_per_s": trained * tokens_per_step / elapsed if elapsed else 0.0,
                         "final_eval": last_eval, "checkpoint": str(last_ckpt) if last_ckpt else None,
                         "peak_memory_gb": mx.get_peak_memory() / 1e9})
+        if finetune:  # what the data pipeline used, truncated and dropped: never silent
+            summary.update({"stage": stage, "data": finetune.report(), "eval_data": finetune.eval_report})
+            console.print(f"{stage} train data: {describe_data(summary['data'])}")
         logger.write_summary(summary)
     if diverged:
         raise AbotError(f"training stopped: {stopped}; the last good state is saved in {last_ckpt}. "

@@ -99,7 +99,8 @@ class Registry:
             close = difflib.get_close_matches(str(name), names, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else "."
             where = f" ({key})" if key else ""
-            raise AbotError(f"unknown {self.kind[:-1]} '{name}'{where}{hint} Available: {', '.join(names)}")
+            singular = self.kind[:-2] if self.kind.endswith("sses") else self.kind[:-1]  # losses -> loss
+            raise AbotError(f"unknown {singular} '{name}'{where}{hint} Available: {', '.join(names)}")
         return found
 
     def get(self, name: str, key: str | None = None) -> Any:
@@ -123,9 +124,17 @@ schedules = Registry("schedules", {
 datasets = Registry("datasets", {
     "huggingface": "abot.data.sources:huggingface",
     "stdlib_docs": "abot.data.sources:stdlib_docs",
+    "chat": "abot.finetune.sources:chat",
+    "oasst1": "abot.finetune.sources:oasst1",
+    "preferences": "abot.finetune.sources:preferences",
     "shards": "abot.data.shards:shards",
 })
-losses = Registry("losses", {"next_token": "abot.losses:next_token"})
+losses = Registry("losses", {
+    "next_token": "abot.losses:next_token",
+    "sft": "abot.finetune.losses:sft",
+    "dpo": "abot.finetune.losses:dpo",
+    "ipo": "abot.finetune.losses:ipo",
+})
 
 KINDS: dict[str, Registry] = {r.kind: r for r in (models, optimizers, schedules, datasets, losses)}
 
