@@ -4,6 +4,7 @@ import abot  # noqa: F401  (first: BLAS before mlx.core)
 
 import itertools
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -202,15 +203,30 @@ def test_chat_reads_stdin_and_exits_cleanly_at_eof(run):
     assert out.stdout.startswith("> ") and out.stdout.count("> ") >= 4 and "(history cleared)" in out.stdout
 
 
+def test_chat_exits_cleanly_on_ctrl_c(run):
+    proc = subprocess.Popen([sys.executable, "-m", "abot", "chat", str(run.ckpt)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=run.root)
+    try:
+        assert proc.stdout.read(2) == "> "  # waiting at the prompt
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stdout + stderr
+    assert "Traceback" not in stdout + stderr
+
+
 def test_eval_prints_loss_and_perplexity(run):
     out = CliRunner().invoke(app, ["eval", str(run.ckpt), "--steps", "2"])
     assert out.exit_code == 0, out.output
     assert "loss" in out.output and "ppl" in out.output and "128" in out.output  # 2 x 2 x 32 tokens
-    out = CliRunner().invoke(app, ["eval", str(run.ckpt), "--json", "--split", "train",
+    data_yaml = run.root / "held_out.yaml"  # a config file: its data section replaces the checkpoint's
+    data_yaml.write_text(f"data:\n  dataset: json\n  data_files: {run.root / 'docs.jsonl'}\n  seq_len: 8\n")
+    out = CliRunner().invoke(app, ["eval", str(run.ckpt), "--json", "--split", "train", "--data", str(data_yaml),
                                    "--data", "data.seq_len=16", "train.micro_batch_size=1"])
     assert out.exit_code == 0, out.output
     result = json.loads(out.output)
-    assert result["tokens"] == 3 * 1 * 16 and result["split"] == "train"
+    assert result["tokens"] == 3 * 1 * 16 and result["split"] == "train" and result["seq_len"] == 16
     assert abs(result["loss"] - np.log(VOCAB)) < 3.0 and np.isclose(result["ppl"], np.exp(result["loss"]))
 
 
