@@ -62,6 +62,26 @@ def dpo(config: str = typer.Argument(..., help="YAML config, e.g. configs/dpo.ya
     _finetune("dpo", config, overrides, resume)
 
 
+@app.command()
+def verify(config: str = typer.Argument(..., help="YAML config to check"),
+           overrides: Optional[List[str]] = OVERRIDES,
+           no_data: bool = typer.Option(False, "--no-data", help="Skip the dataset check (no network access)"),
+           measure: bool = typer.Option(False, "--measure", help="Also run one training step and compare its "
+                                        "peak memory with the estimate")):
+    """Check a config and this machine before training: a checklist with the fix for each problem.
+
+    Exit status 0 when nothing fails (warnings allowed), 1 otherwise.
+    """
+    from abot.verify import FAIL, report_table, run_checks
+
+    results = run_checks(config, overrides or [], data=not no_data, measure=measure)
+    console.print(report_table(results))
+    failed = [c.name for c in results if c.status == FAIL]
+    console.print(f"[bold red]{len(failed)} failed:[/] {', '.join(failed)}" if failed else "[green]Nothing failed.[/]",
+                  highlight=False)
+    raise typer.Exit(1 if failed else 0)
+
+
 @app.command("list")
 def list_entries(kind: Optional[str] = typer.Argument(None, help="optimizers, schedules, models, datasets, losses")):
     """List what the registry knows: built-ins and installed plugins."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -156,17 +157,30 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise ConfigError(f"{where}: expected {names.get(tp, tp)}, got {value!r}")
 
 
-def _build_section(cls, raw: Any, where: str):
+def _build_section(cls, raw: Any, where: str, problems: list[str] | None = None):
+    """One section's dataclass from its mapping. With `problems` (a list), each unknown key or bad type is
+    appended to it as "where.key: ..." and that key keeps its default, so every problem is found in one pass;
+    without it, the first problem raises."""
+    found: list[str] = []
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping of keys, got {raw!r}")
+        found.append(f"{where}: expected a mapping of keys, got {raw!r}")
+        raw = {}
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in raw.items():
         if key not in hints:
-            raise ConfigError(f"{where}.{key}: unknown key{_suggest(str(key), hints)}")
-        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
+            found.append(f"{where}.{key}: unknown key{_suggest(str(key), hints)}")
+            continue
+        try:
+            kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
+        except ConfigError as err:
+            found.append(str(err))
+    if found and problems is None:
+        raise ConfigError(found[0])
+    if problems is not None:
+        problems.extend(found)
     return cls(**kwargs)
 
 
@@ -204,14 +218,33 @@ def config_from_dict(raw: Any, where: str = "config", overrides: list[str] = ())
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: the top level must be a mapping with sections model, data, train")
     raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
-    for key, value in parse_overrides(list(overrides)):
-        _set_dotted(raw, key, value, f"{where} (command line)")
-    for key in raw:
+    # Every key and type problem across the sections and the overrides is collected, then the cross-field
+    # rules run on what is left; all of them are reported in one ConfigError (its `.problems` lists them).
+    problems: list[str] = []
+    for item in overrides:
+        try:
+            for key, value in parse_overrides([item]):
+                _set_dotted(raw, key, value, "command line")
+        except ConfigError as err:
+            problems.append(str(err))
+    for key in list(raw):
         if key not in SECTIONS:
-            raise ConfigError(f"{where}: unknown section '{key}'{_suggest(str(key), SECTIONS)}")
-    cfg = Config(**{name: _build_section(cls, raw.get(name), f"{where}: {name}") for name, cls in SECTIONS.items()})
-    validate(cfg, where)
+            problems.append(f"unknown section '{key}'{_suggest(str(key), SECTIONS)}")
+    cfg = Config(**{name: _build_section(cls, raw.get(name), name, problems) for name, cls in SECTIONS.items()})
+    # A key that failed its type check holds its default: cross-field rules naming it would mislead.
+    failed = {m.group(1) for p in problems for m in [re.match(r"((?:model|data|train)(?:\.\w+)?):", p)] if m}
+    problems += [p for p in validation_problems(cfg)
+                 if not any(re.search(rf"\b{re.escape(f)}\b", p) for f in failed)]
+    if problems:
+        raise _config_error(where, problems)
     return cfg
+
+
+def _config_error(where: str, problems: list[str]) -> ConfigError:
+    head = f"{where}: " if len(problems) == 1 else f"{where}: {len(problems)} problems:\n  "
+    err = ConfigError(head + "\n  ".join(problems))
+    err.problems = list(problems)
+    return err
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
@@ -233,7 +266,14 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
 
 
 def validate(cfg: Config, where: str = "config") -> None:
-    """Cross-field rules that single types cannot express."""
+    """Cross-field rules that single types cannot express; raises one ConfigError listing every problem."""
+    problems = validation_problems(cfg)
+    if problems:
+        raise _config_error(where, problems)
+
+
+def validation_problems(cfg: Config) -> list[str]:
+    """The cross-field problems of `cfg`, one message per broken rule (empty when it is valid)."""
     m, d, t = cfg.model, cfg.data, cfg.train
     errors = []
     positive = [("model.vocab_size", m.vocab_size), ("model.n_layers", m.n_layers), ("model.d_model", m.d_model),
@@ -265,6 +305,4 @@ def validate(cfg: Config, where: str = "config") -> None:
             errors.append(f"{k} must be >= 0, got {v}")
     if t.min_lr > t.lr:
         errors.append(f"train.min_lr ({t.min_lr}) must be <= train.lr ({t.lr})")
-    if errors:
-        head = f"{where}: " if len(errors) == 1 else f"{where}: {len(errors)} problems:\n  "
-        raise ConfigError(head + "\n  ".join(errors))
+    return errors

@@ -98,6 +98,8 @@ def train(cfg: Config, resume: bool = False, console: Console | None = None, sta
     check_stage(stage, cfg)
     model, optimizer, schedule = build_model(cfg), build_optimizer(cfg), build_schedule(cfg)
     loss_fn = stage_loss(cfg, stage)
+    from abot.verify import preflight  # save_dir writable, disk for a checkpoint, memory estimate (warn)
+    preflight(cfg, lambda line: console.print(line, style="yellow", highlight=False))
     tokenizer = ensure_tokenizer(cfg, console.print)
     save_dir = Path(t.save_dir)
     log_dir = Path(t.log_path) if t.log_path else save_dir / "logs"
