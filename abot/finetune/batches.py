@@ -226,6 +226,7 @@ def example_eval_batches(examples: Callable[[int], Iterable[Any]], encode: Calla
         out.append(_stack(group, (micro_batch,)))
         if len(out) == n_batches:
             break
+    stats.finish(0)  # what eval reads is all of eval, even when the split has more
     if not out:
         raise AbotError(f"the eval data cannot fill one micro-batch of {micro_batch} examples "
                         f"({describe(stats.report())}); hold out more data (data.eval_split or "
