@@ -92,6 +92,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, model_path: str | Pat
     truncated model behind. Raises AbotError when the text is too small for `vocab_size`.
     """
     model_path = Path(model_path)
+    _make_parent(model_path)  # before training: an unwritable path fails now, not after minutes of work
     sentences = _training_sentences(texts, max_total_chars=max_chars)
     try:
         first = next(sentences)
@@ -125,14 +126,27 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, model_path: str | Pat
     except RuntimeError as err:
         raise (_vocab_error(err, vocab_size) or AbotError(f"training the tokenizer {model_path} failed: {err}")) \
             from None
-    model_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = model_path.with_name(f".{model_path.name}.{os.getpid()}.tmp")
     try:
         tmp.write_bytes(model.getvalue())
         os.replace(tmp, model_path)
+    except OSError as err:
+        raise AbotError(f"tokenizer {model_path}: cannot write it ({err.strerror or err}); point "
+                        "train.tokenizer_path at a writable folder with free space") from None
     finally:
         tmp.unlink(missing_ok=True)
     return model_path
+
+
+def _make_parent(path: Path) -> None:
+    """Create `path`'s folder, or raise an AbotError saying why not (e.g. a part of the path is a file)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        why = f"{blocker} is a file" if blocker else (err.strerror or str(err))
+        raise AbotError(f"tokenizer {path}: cannot create its folder {path.parent} ({why}); point "
+                        "train.tokenizer_path at a writable folder") from None
 
 
 def _prepend(first: str, rest: Iterator[str]) -> Iterator[str]:

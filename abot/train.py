@@ -17,7 +17,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from abot import __version__, cpu
 from abot.build import build_documents, build_model, build_optimizer, build_schedule, ensure_tokenizer
-from abot.checkpoint import latest_checkpoint, load_checkpoint, save_rotating
+from abot.checkpoint import (latest_checkpoint, list_checkpoints, load_checkpoint, save_rotating,
+                             verify_checkpoint)
 from abot.config import Config
 from abot.data.loader import eval_data as build_eval_data, train_stream
 from abot.errors import AbotError
@@ -25,6 +26,7 @@ from abot.finetune.batches import describe as describe_data
 from abot.finetune.stage import SEQUENCES_PER_EXAMPLE, check_stage, load_init_params, stage_data, stage_loss
 from abot.metrics import RunLogger
 from abot.models.transformer import count_params
+from mlx.utils import tree_flatten
 from abot.step import init_state, make_eval_step, make_train_step
 
 # Model keys that may change between a checkpoint and its resumed run (everything else changes shapes).
@@ -49,8 +51,16 @@ def evaluate(eval_fn, params, batches) -> dict:
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
 
 
-def check_resumable(ckpt, cfg: Config, tokenizer, path) -> list[str]:
-    """Refuse shape-changing config changes; return the safe ones so they can be logged."""
+def check_resumable(ckpt, cfg: Config, tokenizer, path, fresh_state: dict | None = None) -> list[str]:
+    """Refuse shape-changing config changes; return the safe ones so they can be logged.
+
+    `fresh_state`, the state this config would start from, is compared leaf by leaf (paths, shapes, dtypes)
+    with the checkpoint's, so any other mismatch is also an error here, not a crash inside the train step.
+    """
+    if "state" not in ckpt.trees:
+        held = ", ".join(map(str, ckpt.trees)) or "nothing"
+        raise AbotError(f"{path}: not a training checkpoint (it holds {held}, no training state); give a "
+                        "step_*.ckpt from a run's save_dir as train.checkpoint_path")
     old = ckpt.meta.get("config", {})
     new = cfg.to_dict()
     old_model = old.get("model", {})
@@ -59,11 +69,47 @@ def check_resumable(ckpt, cfg: Config, tokenizer, path) -> list[str]:
         changes = ", ".join(f"model.{k}: {old_model[k]} -> {new['model'][k]}" for k in bad)
         raise AbotError(f"{path}: cannot resume, the config changes the model's shape ({changes}); "
                         "restore those values or start a new run in another save_dir")
+    old_opt = old.get("train", {}).get("optimizer", new["train"]["optimizer"])
+    if old_opt != new["train"]["optimizer"]:
+        raise AbotError(f"{path}: cannot resume, the config changes the optimizer (train.optimizer: {old_opt} -> "
+                        f"{new['train']['optimizer']}) and its state does not carry over; restore train.optimizer, "
+                        "or start a new run in another save_dir")
+    if fresh_state is not None:
+        check_state_fits(ckpt.trees["state"], fresh_state, path)
     if ckpt.meta.get("tokenizer_sha256") not in (None, tokenizer.sha256):
         raise AbotError(f"{path}: the checkpoint was trained with a different tokenizer than "
                         f"{tokenizer.path}; point train.tokenizer_path at the original tokenizer")
     return [f"{sec}.{k}: {old.get(sec, {}).get(k)} -> {v}" for sec in ("data", "train")
             for k, v in new[sec].items() if old.get(sec, {}).get(k, v) != v]
+
+
+def check_state_fits(saved: dict, fresh: dict, path) -> None:
+    """AbotError listing the leaves where a checkpoint's training state differs from this config's."""
+    want = {k: (v.shape, v.dtype) for k, v in tree_flatten(fresh)}
+    got = {k: (v.shape, v.dtype) for k, v in tree_flatten(saved) if isinstance(v, mx.array)}
+    diffs = [f"{k}: missing" for k in want if k not in got] + [f"{k}: unexpected" for k in got if k not in want]
+    diffs += [f"{k}: {tuple(got[k][0])} {got[k][1]} vs {tuple(want[k][0])} {want[k][1]}"
+              for k in want if k in got and got[k] != want[k]]
+    if diffs:
+        more = f" and {len(diffs) - 3} more" if len(diffs) > 3 else ""
+        raise AbotError(f"{path}: cannot resume, the checkpoint's training state does not fit this config "
+                        f"({'; '.join(diffs[:3])}{more}); restore the model and optimizer settings it was written "
+                        "with (train.optimizer_args included), or start a new run in another save_dir")
+
+
+def check_no_damaged_checkpoints(save_dir: Path) -> None:
+    """--resume found nothing loadable: refuse to restart from step 0 over damaged checkpoints."""
+    found = list_checkpoints(save_dir)
+    if not found:
+        return
+    try:
+        verify_checkpoint(found[-1][1])
+        reason = f"{found[-1][1]}: cannot be loaded"
+    except AbotError as err:
+        reason = str(err)
+    raise AbotError(f"--resume: {save_dir} holds {len(found)} checkpoint file(s) but no checkpoint there can be "
+                    f"loaded (newest: {reason}); give a good one as train.checkpoint_path, or move them away "
+                    "to start from step 0")
 
 
 class _StopRequest:
@@ -111,11 +157,12 @@ def train(cfg: Config, resume: bool = False, console: Console | None = None, sta
     start, data_state = 0, None
     ckpt_path = t.checkpoint_path or (latest_checkpoint(save_dir) if resume else None)
     if resume and ckpt_path is None:
+        check_no_damaged_checkpoints(save_dir)
         console.print(f"No checkpoint in {save_dir}: starting from step 0.")
     safe_changes = []
     if ckpt_path:
         ckpt = load_checkpoint(ckpt_path)
-        safe_changes = check_resumable(ckpt, cfg, tokenizer, ckpt_path)
+        safe_changes = check_resumable(ckpt, cfg, tokenizer, ckpt_path, fresh_state=state)
         state, start, data_state = ckpt.trees["state"], ckpt.step, ckpt.meta.get("data_state")
         console.print(f"Resumed from {ckpt_path} at step {start}.")
     elif init_path:
@@ -161,6 +208,8 @@ def train(cfg: Config, resume: bool = False, console: Console | None = None, sta
                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
     with RunLogger(log_dir) as logger, _StopRequest() as stop, \
             Progress(*columns, console=console, transient=False) as progress:
+        if ckpt_path:
+            logger.event("resume", step=start, checkpoint=str(ckpt_path))
         if safe_changes:
             logger.event("resume_config_changes", changes=safe_changes)
             console.print("Config changes since the checkpoint: " + "; ".join(safe_changes))
@@ -177,7 +226,8 @@ def train(cfg: Config, resume: bool = False, console: Console | None = None, sta
             window_steps += 1
             if metrics["finite"].item() == 0.0:
                 skipped, bad_run = skipped + 1, bad_run + 1
-                logger.event("nonfinite_step_skipped", step=step + 1, loss=metrics["loss"].item())
+                logger.event("nonfinite_step_skipped", step=step + 1, loss=metrics["loss"].item(),
+                             grad_norm=metrics["grad_norm"].item(), in_a_row=bad_run)
                 if bad_run >= t.max_nonfinite_steps:
                     stopped, diverged = f"{bad_run} non-finite steps in a row", True
             else:
@@ -226,6 +276,13 @@ def train(cfg: Config, resume: bool = False, console: Console | None = None, sta
             console.print(f"{stage} train data: {describe_data(summary['data'])}")
         logger.write_summary(summary)
     if diverged:
-        raise AbotError(f"training stopped: {stopped}; the last good state is saved in {last_ckpt}. "
-                        "Lower train.lr, raise train.warmup_steps, or use precision: float32")
+        fixes = [f"lower train.lr (now {t.lr:g})", f"raise train.warmup_steps (now {t.warmup_steps})"]
+        if t.max_grad_norm <= 0:
+            fixes.append("turn gradient clipping on (train.max_grad_norm: 1.0)")
+        if t.precision != "float32":
+            fixes.append(f"use train.precision: float32 (now {t.precision})")
+        raise AbotError(f"training stopped: {stopped} (train.max_nonfinite_steps: {t.max_nonfinite_steps}); the "
+                        f"state after the last finite step is saved in {last_ckpt}. To go on, "
+                        f"{', '.join(fixes[:-1])} or {fixes[-1]}, and resume from it or an earlier checkpoint "
+                        "(train.checkpoint_path)")
     return summary

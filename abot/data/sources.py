@@ -119,7 +119,7 @@ def huggingface_rows(data: DataConfig, split: str, seed: int, doc_shuffle_buffer
     hf_split = data.eval_split if (split == "eval" and not carve) else data.split
     key = "data.split" if (split == "train" or carve) else "data.eval_split"
     dataset = _open(data, hf_split, key)
-    first = next(iter(dataset), None)
+    first = next(_rows(dataset, data), None)
     if first is None:
         raise AbotError(f"data.dataset '{data.dataset}' ({key}: {hf_split}) has no rows")
     passes = _score_filter(min_score, first, data.dataset)
@@ -207,6 +207,15 @@ def _rows(dataset, data: DataConfig) -> Iterator[dict]:
         yield from dataset
     except ConnectionError as err:  # streaming from the Hub and the network went away
         raise AbotError(f"data.dataset '{data.dataset}': lost the connection while streaming ({err})") from None
+    except AbotError:
+        raise
+    except Exception as err:  # a malformed file: pyarrow/json errors (often ValueErrors) when its rows are read
+        reason = " ".join(str(err).split())[:500]
+        fix = (f"check that the files of data.data_files ({data.data_files}) are well-formed for the "
+               f"'{data.dataset}' loader (json: one JSON object per line)" if data.data_files else
+               "check data.dataset and data.config, or retry if the network failed")
+        raise AbotError(f"data.dataset '{data.dataset}': cannot read the data ({type(err).__name__}: {reason}); "
+                        f"{fix}") from None
 
 
 def _packaged_loaders() -> frozenset[str]:
@@ -266,7 +275,11 @@ def _load_dataset(name: str, key: str, *args, split_key: str = "data.split", **k
         return datasets.load_dataset(name, *args, **kwargs)
     except ConnectionError as err:
         raise AbotError(_hub_unreachable_message(name, str(err))) from None
-    except StopIteration:  # datasets 5.x: a data_files glob matching nothing surfaces as StopIteration
+    except StopIteration:  # datasets 5.x: a data_files glob matching nothing (or only empty files) ends up here
+        files = kwargs.get("data_files")
+        if files and _all_files_empty(files):
+            raise AbotError(f"{key} '{name}': the files of data.data_files ({files}) are empty; point "
+                            "data.data_files at files with rows") from None
         raise AbotError(f"{key} '{name}': data.data_files matches no files; fix the path or glob") from None
     except ValueError as err:
         if "split" in str(err).lower():
@@ -274,6 +287,14 @@ def _load_dataset(name: str, key: str, *args, split_key: str = "data.split", **k
         raise AbotError(f"{key} '{name}': {err}") from None
     except FileNotFoundError as err:
         raise AbotError(f"{key} '{name}': {err}") from None
+
+
+def _all_files_empty(data_files: Any) -> bool:
+    """True when every local file that `data_files` names (str, list or split -> patterns) exists and is empty."""
+    patterns = data_files.values() if isinstance(data_files, dict) else [data_files]
+    flat = [p for group in patterns for p in ([group] if isinstance(group, str) else group)]
+    paths = [Path(m) for p in flat for m in glob.glob(str(Path(p).expanduser()), recursive=True)]
+    return bool(paths) and all(p.is_file() and p.stat().st_size == 0 for p in paths)
 
 
 def _hub_unreachable_message(name: str, reason: str) -> str:
