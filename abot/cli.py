@@ -226,6 +226,9 @@ def main():
     except AbotError as err:
         console.print(f"[bold red]error:[/] {err}", highlight=False)
         sys.exit(2)
+    except KeyboardInterrupt:  # a second Ctrl-C during training, or Ctrl-C outside the training loop
+        console.print("interrupted")
+        sys.exit(130)
 
 
 if __name__ == "__main__":

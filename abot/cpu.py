@@ -119,6 +119,20 @@ def ensure_fast_blas() -> str:
 
 
 _JIT_LEVEL = "x86-64-v3"
+# The g++ abot puts first on PATH. Besides the -march flag, it writes the library MLX asked for (-o) to a
+# temporary name and renames it into place: MLX's kernel cache under /tmp is shared by every process, and
+# two runs compiling the same kernel at once could otherwise load a half-written file.
+_WRAPPER = """#!/bin/sh
+prev=""
+out=""
+for a do
+  shift
+  if [ "$prev" = "-o" ]; then out=$a; set -- "$@" "$a.tmp$$"; else set -- "$@" "$a"; fi
+  prev=$a
+done
+"{real}" -march={level} "$@" || exit $?
+if [ -n "$out" ]; then mv -f "$out.tmp$$" "$out"; fi
+"""
 _V3_FLAGS = {"avx2", "fma", "bmi2", "f16c", "movbe"}
 
 
@@ -152,7 +166,7 @@ def ensure_jit_flags() -> str:
         wrapper_dir = _cache_dir() / f"jit-{_JIT_LEVEL}"
         wrapper = wrapper_dir / "g++"
         if real != str(wrapper):
-            script = f'#!/bin/sh\nexec "{real}" -march={_JIT_LEVEL} "$@"\n'
+            script = _WRAPPER.format(real=real, level=_JIT_LEVEL)
             if not wrapper.exists() or wrapper.read_text() != script:
                 wrapper_dir.mkdir(parents=True, exist_ok=True)
                 tmp = wrapper.with_suffix(f".tmp{os.getpid()}")
