@@ -209,7 +209,6 @@ class Shapes:
     n_params: int
     param_bytes: int  # float32 master weights
     opt_bytes: int
-    largest_leaf: int
     groups: dict = field(default_factory=dict)  # "embedding", "blocks", "head", "norms" -> parameter count
 
 
@@ -235,8 +234,7 @@ def model_shapes(cfg: Config) -> Shapes:
         groups[group] = groups.get(group, 0) + leaf.size
     n = sum(v.size for _, v in flat)
     return Shapes(n_params=n, param_bytes=4 * n,
-                  opt_bytes=sum(v.nbytes for _, v in tree_flatten(opt_state)),
-                  largest_leaf=max(4 * v.size for _, v in flat), groups=groups)
+                  opt_bytes=sum(v.nbytes for _, v in tree_flatten(opt_state)), groups=groups)
 
 
 def _as_float32(params):
