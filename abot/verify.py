@@ -158,7 +158,7 @@ def check_tokenizer(cfg: Config) -> Check:
     if not path.exists():
         return Check(name, WARN, f"{path} not found: abot train will train one ({vocab} tokens) on the "
                                  "configured data before it starts",
-                     f"nothing, or train it now: abot tokenizer train CONFIG")
+                     "nothing, or train it now: abot tokenizer train CONFIG")
     try:
         tok = load_tokenizer(path)
     except AbotError as err:
@@ -518,7 +518,7 @@ def check_disk(cfg: Config, shapes: Shapes | None = None, *, copies: int | None 
                      "free disk space, or point train.save_dir at a disk with room")
     if free < need:
         return Check("disk space", FAIL if copies is None else WARN, detail,
-                     f"free disk space, lower train.ckpt_keep, or move train.save_dir")
+                     "free disk space, lower train.ckpt_keep, or move train.save_dir")
     return Check("disk space", PASS, detail)
 
 
