@@ -207,7 +207,11 @@ def test_hub_probe_when_not_flagged_offline(monkeypatch):
 
 
 def test_hub_probe_does_not_hang_on_slow_name_resolution(monkeypatch):
-    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: time.sleep(5))
+    def stuck_resolver(*args, **kwargs):
+        time.sleep(5)
+        raise OSError("name resolution timed out")
+
+    monkeypatch.setattr(socket, "create_connection", stuck_resolver)
     start = time.perf_counter()
     assert "no answer" in sources._probe("huggingface.co", 443, timeout=0.2)
     assert time.perf_counter() - start < 1.0

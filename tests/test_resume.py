@@ -107,6 +107,9 @@ def small_corpus(folder: Path, chars: int = 12_000) -> Path:
     return path
 
 
+TOTAL = 80  # steps: long enough that the kill, ~0.1 s after a step-10/20 checkpoint, lands mid-run
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("data", ["stdlib_docs", "small_json"])
 def test_sigkill_then_resume_is_bit_identical(tokenizer, tmp_path, data):
@@ -114,9 +117,9 @@ def test_sigkill_then_resume_is_bit_identical(tokenizer, tmp_path, data):
     ends with exactly the parameters, optimizer state, RNG key and data position of an uninterrupted run.
 
     stdlib_docs: the kill lands mid-epoch. small_json: a local file whose epoch is ~10 steps, with a
-    per-epoch document shuffle, so the 40 steps cross several epochs and the resume lands anywhere in one.
+    per-epoch document shuffle, so the 80 steps cross several epochs and the resume lands anywhere in one.
     """
-    steps = ["train.total_steps=40", "train.ckpt_interval=10", "train.eval_interval=1000", "train.ckpt_keep=2"]
+    steps = [f"train.total_steps={TOTAL}", "train.ckpt_interval=10", "train.eval_interval=1000", "train.ckpt_keep=2"]
     if data == "small_json":
         steps += ["data.source=huggingface", "data.dataset=json", f"data.data_files={small_corpus(tmp_path)}",
                   "data.eval_fraction=0.1", "train.eval_steps=1", "data.source_args={doc_shuffle_buffer: 8}",
@@ -124,7 +127,7 @@ def test_sigkill_then_resume_is_bit_identical(tokenizer, tmp_path, data):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
-    kill_after, delay = rng.choice([10, 20]), rng.uniform(0.0, 1.0)  # the kill lands in steps 10-30 or so
+    kill_after, delay = rng.choice([10, 20]), rng.uniform(0.0, 0.15)  # lands soon after that checkpoint
     # The uninterrupted run goes first; the other starts once it has a checkpoint, so its train step's
     # kernels are in MLX's JIT cache: two processes compiling the same kernel at once can trip over each
     # other's half-written files in /tmp/mlx. Evaluation only at the end (compiled by one process at a time).
@@ -148,16 +151,16 @@ def test_sigkill_then_resume_is_bit_identical(tokenizer, tmp_path, data):
     assert reference.returncode == 0, reference_output
     assert proc.returncode == -signal.SIGKILL, f"the run finished before the kill (delay {delay:.2f} s, seed {seed})"
     killed_at = load_checkpoint(latest_checkpoint(killed)).step
-    assert kill_after <= killed_at < 40, f"checkpoint {killed_at} (delay {delay:.2f} s, seed {seed})"
+    assert kill_after <= killed_at < TOTAL, f"checkpoint {killed_at} (delay {delay:.2f} s, seed {seed})"
 
     out = cli(*run_args(tokenizer, killed, *steps), "--resume", cwd=tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
     assert f"at step {killed_at}" in out.stdout
-    assert summary(killed)["start_step"] == killed_at and summary(killed)["final_step"] == 40
+    assert summary(killed)["start_step"] == killed_at and summary(killed)["final_step"] == TOTAL
 
-    a, b = load_checkpoint(whole / "step_00000040.ckpt"), load_checkpoint(killed / "step_00000040.ckpt")
+    a, b = load_checkpoint(whole / f"step_{TOTAL:08d}.ckpt"), load_checkpoint(killed / f"step_{TOTAL:08d}.ckpt")
     why = f"(killed {delay:.2f} s after step {kill_after}, resumed from step {killed_at}; random seed {seed})"
-    assert a.step == b.step == 40
+    assert a.step == b.step == TOTAL
     assert_identical(b.trees["state"]["params"], a.trees["state"]["params"], f"params {why}")
     assert_identical(b.trees["state"]["opt_state"], a.trees["state"]["opt_state"], f"opt_state {why}")
     assert_identical(b.trees["state"], a.trees["state"], f"state {why}")  # key, loss scale, good steps too
