@@ -131,3 +131,22 @@ class RunLogger:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+class NullLogger:
+    """RunLogger's interface, writing nothing: data-parallel ranks other than 0 (rank 0 alone writes logs)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def log(self, step, metrics, prefix="train"):
+        pass
+
+    def event(self, kind, **fields):
+        pass
+
+    def write_summary(self, summary):
+        return None

@@ -7,7 +7,10 @@ the loop only moves batches in, metrics out, and the tree to and from checkpoint
 from __future__ import annotations
 
 import math
+import os
 import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -24,7 +27,7 @@ from abot.data.loader import eval_data as build_eval_data, train_stream
 from abot.errors import AbotError
 from abot.finetune.batches import describe as describe_data
 from abot.finetune.stage import SEQUENCES_PER_EXAMPLE, check_stage, load_init_params, stage_data, stage_loss
-from abot.metrics import RunLogger
+from abot.metrics import NullLogger, RunLogger
 from abot.models.transformer import count_params
 from mlx.utils import tree_flatten
 from abot.step import init_state, make_eval_step, make_train_step
@@ -127,9 +130,51 @@ class _StopRequest:
             raise KeyboardInterrupt
         self.signal = signal.Signals(signum).name
 
+    def requested(self, group) -> bool:
+        """Whether any rank was asked to stop: data-parallel ranks must stop at the same step."""
+        if group is None:
+            return self.signal is not None
+        return mx.distributed.all_sum(mx.array(float(self.signal is not None)), group=group).item() > 0
+
     def __exit__(self, *exc):
         for s, handler in self._old.items():
             signal.signal(s, handler)
+
+
+def distributed_group():
+    """mx.distributed's group when launched with several ranks (mlx.launch), else None."""
+    if not mx.distributed.is_available():
+        return None
+    group = mx.distributed.init()
+    return group if group.size() > 1 else None
+
+
+class _Watchdog:
+    """Data parallel: a rank whose peer died would wait in an all-reduce forever. If no step completes
+    for ABOT_DIST_TIMEOUT seconds (default 600), print why and exit with status 1."""
+
+    def __init__(self, world: int):
+        self.timeout = float(os.environ.get("ABOT_DIST_TIMEOUT", "600")) if world > 1 else 0.0
+        self.last = time.monotonic()
+        self._done = threading.Event()
+
+    def __enter__(self):
+        if self.timeout > 0:
+            threading.Thread(target=self._watch, daemon=True, name="abot-watchdog").start()
+        return self
+
+    def step_done(self):
+        self.last = time.monotonic()
+
+    def _watch(self):
+        while not self._done.wait(min(self.timeout, 10.0)):
+            if time.monotonic() - self.last > self.timeout:
+                sys.stderr.write(f"abot: no training step finished in {self.timeout:.0f} s; another rank probably "
+                                 "died or hangs. Exiting (set ABOT_DIST_TIMEOUT to wait longer).\n")
+                os._exit(1)
+
+    def __exit__(self, *exc):
+        self._done.set()
 
 
 def train(cfg: Config, resume: bool = False, console: Console | None = None, stage: str = "pretrain") -> dict:
@@ -138,7 +183,11 @@ def train(cfg: Config, resume: bool = False, console: Console | None = None, sta
     `stage` picks the batches and the default loss: "pretrain" (token windows, next_token), "sft"
     (conversations, sft) or "dpo" (preference pairs, dpo); see abot.finetune.stage.
     """
+    group = distributed_group()
+    rank, world = (group.rank(), group.size()) if group else (0, 1)
     console = console or Console()
+    if rank != 0:  # rank 0 alone prints, logs and writes checkpoints
+        console = Console(quiet=True)
     t, d = cfg.train, cfg.data
     # Registry lookups first: a typo'd name fails before any slow work.
     check_stage(stage, cfg)
@@ -168,12 +217,14 @@ def train(cfg: Config, resume: bool = False, console: Console | None = None, sta
     elif init_path:
         console.print(f"Starting from {init_path} (weights only: fresh optimizer state and schedule).")
 
-    tokens_per_step = t.grad_accum_steps * t.micro_batch_size * d.seq_len * SEQUENCES_PER_EXAMPLE[stage]
+    # The effective batch spans every rank: world x grad_accum x micro_batch sequences per update.
+    tokens_per_step = world * t.grad_accum_steps * t.micro_batch_size * d.seq_len * SEQUENCES_PER_EXAMPLE[stage]
     n_params = count_params(state["params"])
     console.print(f"abot {__version__} | {device_line()}")
     console.print(f"model: {cfg.model.name}, {n_params / 1e6:.2f}M parameters | optimizer: {t.optimizer} | "
-                  f"schedule: {t.schedule} | precision: {t.precision} | batch: {t.grad_accum_steps} x "
-                  f"{t.micro_batch_size} x {d.seq_len} = {tokens_per_step} tokens/step")
+                  f"schedule: {t.schedule} | precision: {t.precision} | batch: "
+                  + (f"{world} ranks x " if world > 1 else "")
+                  + f"{t.grad_accum_steps} x {t.micro_batch_size} x {d.seq_len} = {tokens_per_step} tokens/step")
 
     finetune = None
     if stage == "pretrain":
@@ -184,13 +235,16 @@ def train(cfg: Config, resume: bool = False, console: Console | None = None, sta
                               say=console.print)
         stream, eval_data = finetune.stream, finetune.eval_batches
     step_fn = make_train_step(model, loss_fn, optimizer, grad_accum_steps=t.grad_accum_steps,
-                              max_grad_norm=t.max_grad_norm, precision=t.precision, compile=t.compile)
+                              max_grad_norm=t.max_grad_norm, precision=t.precision, compile=t.compile,
+                              group=group)
     eval_fn = make_eval_step(model, loss_fn, compile=t.compile)
     prepare, run_eval = mx.array, lambda params: evaluate(eval_fn, params, eval_data) if eval_data else {}
     if finetune:
         prepare, run_eval = finetune.prepare, finetune.evaluate
 
-    def save(step: int) -> Path:
+    def save(step: int) -> Path | None:
+        if rank != 0:
+            return None
         meta = {"config": cfg.to_dict(), "tokenizer_sha256": tokenizer.sha256, "data_state": stream.state(),
                 "n_params": n_params, "stage": stage}
         path = save_rotating(save_dir, {"state": state}, step, meta, t.ckpt_keep)
@@ -206,7 +260,8 @@ def train(cfg: Config, resume: bool = False, console: Console | None = None, sta
     run_t0 = time.perf_counter()
     columns = [TextColumn("[bold]step {task.completed}/{task.total}"), BarColumn(), TextColumn("{task.description}"),
                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
-    with RunLogger(log_dir) as logger, _StopRequest() as stop, \
+    with (RunLogger(log_dir) if rank == 0 else NullLogger()) as logger, _StopRequest() as stop, \
+            _Watchdog(world) as watchdog, \
             Progress(*columns, console=console, transient=False) as progress:
         if ckpt_path:
             logger.event("resume", step=start, checkpoint=str(ckpt_path))
@@ -223,6 +278,7 @@ def train(cfg: Config, resume: bool = False, console: Console | None = None, sta
             lr = schedule(step)
             state, metrics = step_fn(state, prepare(next(stream)), mx.array(lr, dtype=mx.float32))
             mx.eval(state, metrics)
+            watchdog.step_done()
             window_steps += 1
             if metrics["finite"].item() == 0.0:
                 skipped, bad_run = skipped + 1, bad_run + 1
@@ -256,8 +312,8 @@ def train(cfg: Config, resume: bool = False, console: Console | None = None, sta
                 last_eval = run_eval(state["params"])
                 logger.log(done, last_eval, prefix="eval")
                 console.print(f"step {done}: eval {describe_eval(last_eval)}")
-            if stop.signal and not stopped:
-                stopped = f"received {stop.signal}"
+            if stop.requested(group) and not stopped:
+                stopped = f"received {stop.signal or 'a stop signal on another rank'}"
             if done % t.ckpt_interval == 0 or done == t.total_steps or stopped:
                 last_ckpt = save(done)
                 window_t0 = time.perf_counter()  # checkpoint time is not training time

@@ -26,3 +26,38 @@ def test_two_ranks_equal_one_process_on_the_union(tmp_path):
     assert sorted(a.files) == sorted(b.files)
     for name in a.files:
         np.testing.assert_allclose(a[name], b[name], atol=1e-5, err_msg=name)
+
+
+@pytest.mark.slow
+def test_two_rank_cli_run_logs_once_and_resumes(tmp_path):
+    """`mlx.launch -n 2 -- abot train`: rank 0 alone writes logs and checkpoints; a resumed run continues."""
+    launcher = shutil.which("mlx.launch", path=str(Path(sys.executable).parent))
+    if launcher is None:
+        pytest.skip("mlx.launch is not installed")
+    config = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+    common = [f"train.save_dir={tmp_path}/run", f"train.tokenizer_path={tmp_path}/tok.model", "model.vocab_size=500",
+              "model.n_layers=2", "model.d_model=64", "model.n_heads=4", "data.seq_len=32", "train.micro_batch_size=4",
+              "train.log_interval=5", "train.eval_interval=10", "train.eval_steps=2", "train.ckpt_interval=10"]
+    tok = subprocess.run([sys.executable, "-m", "abot", "tokenizer", "train", str(config), *common],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert tok.returncode == 0, tok.stdout + tok.stderr
+
+    def launch(*extra):
+        return subprocess.run([launcher, "-n", "2", "--backend", "ring", "--", sys.executable, "-m", "abot", "train",
+                               str(config), *common, *extra], capture_output=True, text=True, timeout=300,
+                              cwd=tmp_path)
+
+    first = launch("train.total_steps=10")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "2 ranks x 1 x 4 x 32 = 256 tokens/step" in first.stdout
+    assert first.stdout.count("saved") == 1  # one checkpoint message: rank 0's
+    second = launch("train.total_steps=20", "--resume")
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "at step 10" in second.stdout
+    import json
+
+    summary = json.loads((tmp_path / "run" / "logs" / "final_training_summary.json").read_text())
+    assert summary["start_step"] == 10 and summary["final_step"] == 20 and summary["tokens_per_step"] == 256
+    steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "logs" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(x)["split"] == "train"]
+    assert steps == [5, 10, 15, 20]  # each logged once, by rank 0
