@@ -15,11 +15,12 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from abot import __version__, cpu
-from abot.build import build_documents, build_model, build_optimizer, build_schedule, ensure_tokenizer
+from abot.build import build_model, build_optimizer, build_schedule, ensure_tokenizer
 from abot.checkpoint import (latest_checkpoint, list_checkpoints, load_checkpoint, save_rotating,
                              verify_checkpoint)
 from abot.config import Config
@@ -29,7 +30,6 @@ from abot.finetune.batches import describe as describe_data
 from abot.finetune.stage import SEQUENCES_PER_EXAMPLE, check_stage, load_init_params, stage_data, stage_loss
 from abot.metrics import NullLogger, RunLogger
 from abot.models.transformer import count_params
-from mlx.utils import tree_flatten
 from abot.step import init_state, make_eval_step, make_train_step
 
 # Model keys that may change between a checkpoint and its resumed run (everything else changes shapes).

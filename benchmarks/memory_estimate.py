@@ -25,7 +25,7 @@ CHILD = r"""
 import json, sys
 import abot
 from abot.config import config_from_dict
-from abot.verify import estimate_memory, measure_step_peak
+from abot.memory import estimate_memory, measure_step_peak
 raw = json.loads(sys.argv[1])
 cfg = config_from_dict(raw)
 peak, held = measure_step_peak(cfg)

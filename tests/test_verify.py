@@ -11,7 +11,7 @@ import mlx.core as mx
 import pytest
 from typer.testing import CliRunner
 
-from abot import verify
+from abot import memory, verify
 from abot.cli import app
 from abot.config import config_from_dict, load_config
 from abot.data.corpus import stdlib_documents
@@ -125,14 +125,14 @@ def test_dataset_local_files_first_document_and_wrong_text_field(tmp_path):
 def test_parameter_count_from_shapes_is_the_true_count(model):
     cfg = cfg_of(model=model)
     true = count_params(init_params(cfg.model, mx.random.key(0)))
-    assert verify.transformer_param_count(cfg.model) == true
-    assert verify.model_shapes(cfg).n_params == true
+    assert memory.transformer_param_count(cfg.model) == true
+    assert memory.model_shapes(cfg).n_params == true
     assert f"{true / 1e6:.2f}M" in verify.check_params(cfg).detail
 
 
 def test_guide_sizes_are_counted_without_allocating_them():
     before = mx.get_active_memory()
-    shapes = verify.model_shapes(load_config(CONFIGS / "large.yaml"))
+    shapes = memory.model_shapes(load_config(CONFIGS / "large.yaml"))
     assert mx.get_active_memory() - before < 2**20  # 435M parameters: nothing was materialised
     assert round(shapes.n_params / 1e6, 1) == 435.5
     # muon_adamw: one momentum buffer per hidden matrix, m and v for the embedding and the norms
@@ -141,23 +141,23 @@ def test_guide_sizes_are_counted_without_allocating_them():
 
 def test_estimate_terms_move_the_right_way():
     cfg = load_config(CONFIGS / "medium.yaml", ["train.grad_accum_steps=1"])
-    est = verify.estimate_memory(cfg, gpu=False)
+    est = memory.estimate_memory(cfg, gpu=False)
     assert est.activations_ckpt < est.activations_no_ckpt
     assert est.peak == est.state + max(est.activations, est.update)
-    bigger = verify.estimate_memory(load_config(CONFIGS / "medium.yaml", ["train.grad_accum_steps=1",
+    bigger = memory.estimate_memory(load_config(CONFIGS / "medium.yaml", ["train.grad_accum_steps=1",
                                                                            "train.micro_batch_size=4"]), gpu=False)
     assert bigger.activations > 3 * est.activations  # activations scale with the micro-batch
-    accum = verify.estimate_memory(load_config(CONFIGS / "medium.yaml"), gpu=False)  # 4 micro-batches
+    accum = memory.estimate_memory(load_config(CONFIGS / "medium.yaml"), gpu=False)  # 4 micro-batches
     assert 2 * est.activations < accum.activations < 4 * est.activations + 4 * est.params
-    adamw = verify.estimate_memory(load_config(CONFIGS / "medium.yaml", ["train.optimizer=adamw"]), gpu=False)
+    adamw = memory.estimate_memory(load_config(CONFIGS / "medium.yaml", ["train.optimizer=adamw"]), gpu=False)
     assert abs(adamw.optimizer - 2 * adamw.params) < 64  # m and v, plus a step counter
-    gpu = verify.estimate_memory(cfg, gpu=True)  # fused attention keeps no (seq x seq) matrices
+    gpu = memory.estimate_memory(cfg, gpu=True)  # fused attention keeps no (seq x seq) matrices
     assert gpu.activations < est.activations
 
 
 def test_memory_over_the_total_fails_with_the_fixes_and_train_only_warns():
     cfg = load_config(CONFIGS / "medium.yaml", ["train.gradient_checkpointing=false", "train.micro_batch_size=2"])
-    peak = verify.estimate_memory(cfg).peak
+    peak = memory.estimate_memory(cfg).peak
     check = verify.check_memory(cfg, memory=(peak // 2, peak // 2, "test"))
     assert check.status == FAIL and "does not fit" in check.detail and f"{peak / GIB:.2f} GiB" in check.detail
     assert "train.gradient_checkpointing=true" in check.fix and "micro_batch_size" in check.fix
@@ -168,7 +168,7 @@ def test_memory_over_the_total_fails_with_the_fixes_and_train_only_warns():
 
 
 def test_machine_memory_is_read():
-    total, available, where = verify.machine_memory()
+    total, available, where = memory.machine_memory()
     assert total and total > 2**28 and where
     assert available is None or 0 < available <= total
 
@@ -177,7 +177,7 @@ def test_machine_memory_is_read():
 
 def test_disk_space_for_the_kept_checkpoints(tmp_path, monkeypatch):
     cfg = cfg_of(train={"save_dir": str(tmp_path / "run"), "ckpt_keep": 3})
-    one = verify.checkpoint_bytes(verify.model_shapes(cfg))
+    one = verify.checkpoint_bytes(memory.model_shapes(cfg))
     usage = type("Usage", (), {})
 
     def free(n):
@@ -292,8 +292,8 @@ def test_shipped_configs_pass_verify_offline(path, monkeypatch):
     results = verify.run_checks(path)
     assert [c.name for c in results] == ["config valid", "tokenizer", "dataset", "parameters", "memory",
                                          "disk space", "save_dir writable", "device"]
-    total, available, _ = verify.machine_memory()
-    too_big = verify.estimate_memory(load_config(path)).peak > (available or total)
+    total, available, _ = memory.machine_memory()
+    too_big = memory.estimate_memory(load_config(path)).peak > (available or total)
     for check in results:
         if check.status == PASS:
             continue
@@ -309,7 +309,7 @@ MEASURE = r"""
 import json, sys
 import abot
 from abot.config import config_from_dict
-from abot.verify import estimate_memory, measure_step_peak
+from abot.memory import estimate_memory, measure_step_peak
 cfg = config_from_dict(json.loads(sys.argv[1]))
 peak, held = measure_step_peak(cfg)
 print(json.dumps({"estimate": estimate_memory(cfg).peak, "peak": peak}))

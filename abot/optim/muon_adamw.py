@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import mlx.core as mx
-from mlx.utils import tree_map, tree_map_with_path
+from mlx.utils import tree_map_with_path
 
 from abot.optim.adamw import adamw_leaf, bias_corrections, check_adam_options, unzip, zeros_f32
 from abot.optim.base import Optimizer, Tree

@@ -1,0 +1,309 @@
+"""Peak-memory estimate of one training step, from shapes alone (used by `abot verify` and `abot train`).
+
+Peak memory of one compiled training step (`abot.step.make_train_step`), in bytes, for the configured
+precision, micro-batch B, sequence length L and model (n layers, width D, MLP hidden F, H heads, vocabulary V),
+with c = bytes per element of the compute precision (4 for float32, 2 for bfloat16/float16):
+
+    peak  = state + max(activation phase, update phase)
+    state = P + S                        P: float32 master parameters, S: optimizer state; both counted
+                                         exactly from the shapes (model.init and optimizer.init, lazily:
+                                         nothing is allocated). adamw: S = 2P; muon_adamw: momentum for
+                                         hidden matrices + m, v for embedding and norms.
+
+Activation phase (forward + backward of one micro-batch), per-token sizes with T = B*L:
+
+    BLD = T*D*c      BLF = T*F*c      BHLL = B*H*L*L*c (CPU only)      BLV = T*V*4 (float32)
+
+    saved per block = 8 BLD                     block input x, its RMSNorm output, q*scale and k after RoPE,
+                                                v, the merged attention output, the mid-block residual and its
+                                                RMSNorm output (each needed by a matmul's or a norm's
+                                                backward)
+                    + 2 BHLL + L*L*c            CPU attention: exp(scores - max) and the probabilities
+                                                (softmax backward needs both), and the causal mask; on GPUs
+                                                MLX's fused attention keeps none of these, its backward
+                                                recomputes them for the block being differentiated (so
+                                                they count once; not measured here: no GPU)
+                    + 8 BLF + T*F               SwiGLU: written as x*where(x>=0, 1, e)/(1+e), e = exp(-|x|),
+                                                autodiff keeps gate, up, e, where(...), x*where, 1+e, silu,
+                                                silu*up (8 floats per hidden unit) and the x>=0 mask (bool);
+                      (gelu: 4 BLF)             GELU: up, up/sqrt(2), 1+erf(.), the GELU output
+                    + 2*T*D                     dropout > 0: the two bool keep-masks
+    top             = 3 BLD                     embedding output, final-norm input and output
+    loss            = 3 BLV                     float32 logits' softmax exp, the scattered one-hot
+                                                cotangent and the logits gradient, alive together at the
+                                                start of the backward pass (+ T*V*c for the low-precision
+                                                logits when c < 4)
+
+    one micro-batch, no checkpointing:  (n + 1) * saved-per-block + top + loss
+        the peak is where the backward pass starts: every block's saved set, the loss buffers, and the
+        top block's first cotangents (gradients of its saved tensors), about as large as its saved set.
+    one micro-batch, gradient checkpointing:  the larger of
+        n * BLD + 2 * saved-per-block + top + loss
+            backward's start: each block kept only its input (BLD); the top block recomputed (its saved
+            set) with its cotangents (about as much again), the loss buffers;
+        n * (BLD + 2 BLF + BLD) + 2 * saved-per-block + top + BLV
+            backward's end: MLX computes a block's gate/up weight gradients only after the input-gradient
+            chain has passed below it, so every block holds those two MLP cotangents and its normalised
+            input (2 BLF + BLD) until then; of the loss buffers only the logits gradient is left (the tied
+            head's weight gradient reads it last).
+    grad_accum_steps = k > 1: the k micro-batches are unrolled in one compiled graph and MLX's scheduler
+        runs them side by side: + (k - 1) * saved-per-micro-batch + k * P (one gradient tree per
+        micro-batch before they are summed). Saved per micro-batch: n * saved-per-block + top + BLV (its
+        softmax exp); checkpointed n * BLD + top + 2 BLV (its softmax exp and its logits gradient, held until
+        the tied head's weight gradient at the end of its backward). Measured for k = 2 and 4.
+    bfloat16/float16: + P*c/4, the compute-precision copy of the parameters (not measured here: CPU).
+
+Update phase (clip + optimizer + the non-finite guard), above `state`:
+
+    update = G + P + S                 the float32 gradients (G = P bytes), and the new parameters and
+                                       optimizer state, written while the old ones are still held (the
+                                       non-finite guard `where(finite, new, old)` reads the old state after
+                                       the new one is computed).
+
+Measured on this CPU (fp32, muon_adamw, compiled, vocab 32000), estimate vs `mx.get_peak_memory()`:
+README "Verify a config" has the table; tests/test_verify.py re-measures two small shapes (slow).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from abot.config import Config
+
+
+@dataclass
+class Shapes:
+    """Sizes read from the model's and the optimizer's lazily built trees (no memory is allocated)."""
+
+    n_params: int
+    param_bytes: int  # float32 master weights
+    opt_bytes: int
+    groups: dict = field(default_factory=dict)  # "embedding", "blocks", "head", "norms" -> parameter count
+
+
+def model_shapes(cfg: Config) -> Shapes:
+    """Parameter and optimizer-state sizes, computed from shapes only.
+
+    MLX is lazy: `model.init(key)` and `optimizer.init(params)` build graphs whose arrays have shapes and
+    dtypes but no memory until evaluated, and nothing here evaluates them. Works for plugin models and
+    optimizers too.
+    """
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from abot.build import build_model, build_optimizer
+
+    params = build_model(cfg).init(mx.random.key(0))
+    flat = tree_flatten(params)
+    opt_state = build_optimizer(cfg).init(_as_float32(params))  # init_state hands it float32 masters
+    groups: dict[str, int] = {}
+    for path, leaf in flat:
+        top = path.split(".")[0]
+        group = {"embed": "embedding", "head": "head", "blocks": "blocks"}.get(top, "norms")
+        groups[group] = groups.get(group, 0) + leaf.size
+    n = sum(v.size for _, v in flat)
+    return Shapes(n_params=n, param_bytes=4 * n,
+                  opt_bytes=sum(v.nbytes for _, v in tree_flatten(opt_state)), groups=groups)
+
+
+def _as_float32(params):
+    import mlx.core as mx
+    from mlx.utils import tree_map
+
+    return tree_map(lambda p: p.astype(mx.float32), params)
+
+
+def transformer_param_count(m) -> int:
+    """The built-in transformer's parameter count from its config (a formula; tests hold it to count_params)."""
+    from abot.models.transformer import hidden_size
+
+    d, f = m.d_model, hidden_size(m)
+    mlp = (3 if m.ffn_activation == "silu" else 2) * d * f
+    block = 4 * d * d + mlp + 2 * d
+    head = 0 if m.tie_embeddings else d * m.vocab_size
+    return m.vocab_size * d + m.n_layers * block + d + head
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes of one training step's peak, by term (see the module docstring for the formula)."""
+
+    params: int
+    optimizer: int
+    grads: int
+    compute_copy: int  # low-precision copy of the parameters (0 in float32)
+    activations: int  # activation phase with the configured gradient_checkpointing
+    activations_no_ckpt: int
+    activations_ckpt: int
+    update: int  # update phase above the state
+    gradient_checkpointing: bool
+
+    @property
+    def state(self) -> int:
+        return self.params + self.optimizer
+
+    @property
+    def peak(self) -> int:
+        return self.state + max(self.activations, self.update)
+
+    @property
+    def peak_other(self) -> int:
+        """The peak with gradient checkpointing switched the other way."""
+        other = self.activations_no_ckpt if self.gradient_checkpointing else self.activations_ckpt
+        return self.state + max(other, self.update)
+
+    @property
+    def phase(self) -> str:
+        return "activations" if self.activations >= self.update else "optimizer update"
+
+
+def on_gpu() -> bool:
+    import mlx.core as mx
+
+    return mx.default_device() == mx.gpu
+
+
+def estimate_memory(cfg: Config, shapes: Shapes | None = None, gpu: bool | None = None) -> MemoryEstimate:
+    """Peak bytes of one compiled train step for `cfg` (formula in the module docstring)."""
+    from abot.models.transformer import hidden_size
+    from abot.step import DTYPES
+
+    shapes = shapes or model_shapes(cfg)
+    gpu = on_gpu() if gpu is None else gpu
+    m, t = cfg.model, cfg.train
+    c = DTYPES[t.precision].size if t.precision in DTYPES else 4
+    b, seq, d, f, h, v, n = t.micro_batch_size, cfg.data.seq_len, m.d_model, hidden_size(m), m.n_heads, \
+        m.vocab_size, m.n_layers
+    tokens = b * seq
+    bld, blf, blv = tokens * d * c, tokens * f * c, tokens * v * 4
+    attention = 2 * b * h * seq * seq * c + seq * seq * c  # probabilities + softmax exp, and the mask
+    mlp = 8 * blf + tokens * f if m.ffn_activation == "silu" else 4 * blf
+    drop = 2 * tokens * d if m.dropout > 0 else 0
+    block = 8 * bld + (0 if gpu else attention) + mlp + drop
+    # The block whose backward is running: its saved set again as cotangents; on GPUs the fused attention's
+    # backward recomputes that block's attention matrices.
+    active = block + (attention if gpu else 0)
+    top = 3 * bld + (tokens * d if m.dropout > 0 else 0)
+    loss = 3 * blv + (tokens * v * c if c < 4 else 0)
+    no_ckpt = n * block + active + top + loss
+    # Checkpointed: the larger of the backward pass's first moment (loss buffers + the top block recomputed
+    # with its cotangents) and its last (every block's deferred MLP cotangents, only the logits gradient left).
+    ckpt = max(n * bld + block + active + top + loss, n * (2 * bld + 2 * blf) + block + active + top + blv)
+    compute_copy = shapes.param_bytes * c // 4 if c < 4 else 0
+    k = t.grad_accum_steps
+    # Saved across a micro-batch's forward and backward: its blocks' saved sets (or, checkpointed, their
+    # inputs), the top and the float32 softmax exp of the loss.
+    # Checkpointed, a micro-batch also holds its logits gradient until its tied head's weight gradient, which
+    # comes last (the "backward's end" moment).
+    saved_no_ckpt, saved_ckpt = n * block + top + blv, n * bld + top + 2 * blv
+
+    def phase(acts: int, saved: int) -> int:
+        # grad_accum_steps = k > 1: MLX runs the k unrolled micro-batches of the compiled step side by side,
+        # so k saved sets and k gradient trees are alive together; the loss and top-block transients once.
+        return acts + (k - 1) * saved + (k * shapes.param_bytes if k > 1 else 0) + compute_copy
+
+    no_ckpt, ckpt = phase(no_ckpt, saved_no_ckpt), phase(ckpt, saved_ckpt)
+
+    grads = shapes.param_bytes
+    update = grads + shapes.param_bytes + shapes.opt_bytes
+    return MemoryEstimate(params=shapes.param_bytes, optimizer=shapes.opt_bytes, grads=grads,
+                          compute_copy=compute_copy, activations=ckpt if t.gradient_checkpointing else no_ckpt,
+                          activations_no_ckpt=no_ckpt, activations_ckpt=ckpt, update=update,
+                          gradient_checkpointing=t.gradient_checkpointing)
+
+
+def measure_step_peak(cfg: Config) -> tuple[int, int]:
+    """Run one compiled train step of `cfg` on random tokens; (peak bytes, bytes held before the step).
+
+    The peak is `mx.get_peak_memory()` after `mx.reset_peak_memory()`, with the training state already
+    allocated, as in `abot train`. Costs one step (plus compilation): seconds for small models.
+    """
+    import mlx.core as mx
+
+    from abot.build import build_loss, build_model, build_optimizer
+    from abot.step import init_state, make_train_step
+
+    t = cfg.train
+    model, optimizer = build_model(cfg), build_optimizer(cfg)
+    init_key, key = mx.random.split(mx.random.key(t.seed))
+    state = init_state(model.init(init_key), optimizer, key, t.precision)
+    tokens = mx.random.randint(0, cfg.model.vocab_size, (t.grad_accum_steps, t.micro_batch_size, cfg.data.seq_len + 1))
+    mx.eval(state, tokens)
+    step = make_train_step(model, build_loss(), optimizer, grad_accum_steps=t.grad_accum_steps,
+                           max_grad_norm=t.max_grad_norm, precision=t.precision, compile=t.compile)
+    mx.clear_cache()
+    held = mx.get_active_memory()
+    mx.reset_peak_memory()
+    state, metrics = step(state, tokens, mx.array(1e-4, dtype=mx.float32))  # rebinding frees the old state
+    mx.eval(state, metrics)
+    return mx.get_peak_memory(), held
+
+
+def _read_meminfo() -> dict[str, int]:
+    out = {}
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            parts = rest.split()
+            if parts and parts[0].isdigit():
+                out[key] = int(parts[0]) * (1024 if len(parts) > 1 and parts[1] == "kB" else 1)
+    except OSError:
+        pass
+    return out
+
+
+def _cgroup_limit() -> int | None:
+    """A container's memory limit (cgroup v2 memory.max, or v1), if one is set."""
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 2**60:
+            return int(text)
+    return None
+
+
+def machine_memory() -> tuple[int | None, int | None, str]:
+    """(total, available now, where the numbers come from) for the memory that holds the training state.
+
+    Linux: /proc/meminfo (MemTotal, MemAvailable), capped by a cgroup limit; macOS: `sysctl hw.memsize`
+    (unified memory, shared with the GPU); a CUDA GPU: its own memory from mx.device_info() when reported.
+    """
+    import mlx.core as mx
+
+    if on_gpu() and not sys.platform == "darwin":
+        try:
+            info = mx.device_info()
+        except Exception:  # noqa: BLE001 - older MLX
+            info = {}
+        for key in ("memory_size", "total_memory", "memory"):
+            if isinstance(info.get(key), int):
+                return info[key], None, "GPU memory (mx.device_info)"
+    if sys.platform == "darwin":
+        import subprocess
+
+        try:
+            total = int(subprocess.run(["sysctl", "-n", "hw.memsize"], capture_output=True, text=True,
+                                       timeout=5).stdout.strip())
+            return total, None, "sysctl hw.memsize (unified memory)"
+        except (OSError, ValueError, subprocess.SubprocessError):
+            pass
+    info = _read_meminfo()
+    total, available, where = info.get("MemTotal"), info.get("MemAvailable"), "/proc/meminfo"
+    if total is None:
+        try:
+            page = os.sysconf("SC_PAGE_SIZE")
+            total = page * os.sysconf("SC_PHYS_PAGES")
+            available = page * os.sysconf("SC_AVPHYS_PAGES")
+            where = "os.sysconf"
+        except (ValueError, OSError, AttributeError):
+            return None, None, "unknown"
+    limit = _cgroup_limit()
+    if limit is not None and limit < total:
+        total, where = limit, "cgroup memory limit"
+        available = min(available, limit) if available is not None else None
+    return total, available, where
