@@ -61,13 +61,16 @@ def flops_per_token(cfg: ModelConfig, n_params: int, seq_len: int) -> float:
     return 6 * n_matmul + 12 * cfg.n_layers * seq_len * cfg.d_model
 
 
-def bench(shape: str, optimizer: str, compile: bool, checkpointing: bool, steps: int, warmup: int = 3) -> dict:
+def bench(shape: str, optimizer: str, compile: bool, checkpointing: bool, steps: int, warmup: int = 3,
+          group=None) -> dict:
+    """One configuration's figures; with a distributed `group`, each rank runs the shape's batch (tokens/s: world)."""
     d, layers, heads, seq, batch = SHAPES[shape]
     cfg = ModelConfig(vocab_size=VOCAB, n_layers=layers, d_model=d, n_heads=heads, dropout=0.0, max_seq_len=seq)
     model = transformer(cfg, gradient_checkpointing=checkpointing)
     opt = optimizers.get(optimizer)(weight_decay=0.02)
     state = init_state(model.init(mx.random.key(0)), opt, mx.random.key(1))
-    step = make_train_step(model, next_token, opt, grad_accum_steps=1, max_grad_norm=1.0, compile=compile)
+    step = make_train_step(model, next_token, opt, grad_accum_steps=1, max_grad_norm=1.0, compile=compile,
+                           group=group)
     tokens = mx.random.randint(0, VOCAB, (1, batch, seq + 1), key=mx.random.key(2))
     lr = mx.array(1e-3)
     mx.eval(state, tokens)
@@ -82,7 +85,7 @@ def bench(shape: str, optimizer: str, compile: bool, checkpointing: bool, steps:
     step_s = statistics.median(times)
     n_params = count_params(state["params"])
     fpt = flops_per_token(cfg, n_params, seq)
-    tok_s = batch * seq / step_s
+    tok_s = batch * seq * (group.size() if group else 1) / step_s
     return {"tokens_per_s": tok_s, "step_s": step_s, "flops_per_token": fpt, "gflops": tok_s * fpt / 1e9,
             "peak_mem_gb": mx.get_peak_memory() / 1e9, "params_m": n_params / 1e6}
 

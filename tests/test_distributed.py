@@ -61,3 +61,41 @@ def test_two_rank_cli_run_logs_once_and_resumes(tmp_path):
     steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "logs" / "metrics.jsonl").read_text().splitlines()
              if json.loads(x)["split"] == "train"]
     assert steps == [5, 10, 15, 20]  # each logged once, by rank 0
+
+
+@pytest.mark.slow
+def test_killed_two_rank_run_resumes_and_continues(tmp_path):
+    """SIGKILL the whole 2-rank job after its first checkpoint; `--resume` on 2 ranks continues to the end."""
+    import json
+    import os
+    import signal
+    import time
+
+    launcher = shutil.which("mlx.launch", path=str(Path(sys.executable).parent))
+    if launcher is None:
+        pytest.skip("mlx.launch is not installed")
+    config = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+    common = [f"train.save_dir={tmp_path}/run", f"train.tokenizer_path={tmp_path}/tok.model", "model.vocab_size=500",
+              "model.n_layers=2", "model.d_model=64", "model.n_heads=4", "data.seq_len=32", "train.micro_batch_size=4",
+              "train.log_interval=5", "train.eval_interval=1000", "train.eval_steps=1", "train.ckpt_interval=10",
+              "train.total_steps=400"]
+    tok = subprocess.run([sys.executable, "-m", "abot", "tokenizer", "train", str(config), *common],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert tok.returncode == 0, tok.stdout + tok.stderr
+    command = [launcher, "-n", "2", "--backend", "ring", "--", sys.executable, "-m", "abot", "train", str(config),
+               *common]
+    job = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not list((tmp_path / "run").glob("step_*.ckpt")):
+            assert job.poll() is None and time.monotonic() < deadline, "no checkpoint before the job ended"
+            time.sleep(0.05)
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)  # the launcher and both ranks
+        job.wait(timeout=30)
+    resumed = subprocess.run([*command[:-1], "train.total_steps=30", "--resume"], capture_output=True, text=True,
+                             timeout=300, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    summary = json.loads((tmp_path / "run" / "logs" / "final_training_summary.json").read_text())
+    assert 10 <= summary["start_step"] < 30 and summary["final_step"] == 30
