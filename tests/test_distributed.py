@@ -1,21 +1,47 @@
 """Data parallelism on mx.distributed: 2 local ranks (ring backend) equal one process on the union of their batches."""
 
+import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 WORKER = Path(__file__).resolve().parent / "dist_worker.py"
+CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+
+
+@pytest.fixture
+def launcher():
+    found = shutil.which("mlx.launch", path=str(Path(sys.executable).parent))
+    if found is None:
+        pytest.skip("mlx.launch is not installed")
+    return found
+
+
+@pytest.fixture
+def tiny_run(tmp_path):
+    """Overrides for a tiny model in tmp_path, with its tokenizer already trained (shared by both ranks)."""
+    overrides = [f"train.save_dir={tmp_path}/run", f"train.tokenizer_path={tmp_path}/tok.model",
+                 "model.vocab_size=500", "model.n_layers=2", "model.d_model=64", "model.n_heads=4", "data.seq_len=32",
+                 "train.micro_batch_size=4", "train.log_interval=5", "train.ckpt_interval=10"]
+    tok = subprocess.run([sys.executable, "-m", "abot", "tokenizer", "train", str(CONFIG), *overrides],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert tok.returncode == 0, tok.stdout + tok.stderr
+    return overrides
+
+
+def summary(tmp_path) -> dict:
+    return json.loads((tmp_path / "run" / "logs" / "final_training_summary.json").read_text())
 
 
 @pytest.mark.slow
-def test_two_ranks_equal_one_process_on_the_union(tmp_path):
-    launcher = shutil.which("mlx.launch", path=str(Path(sys.executable).parent))
-    if launcher is None:
-        pytest.skip("mlx.launch is not installed")
+def test_two_ranks_equal_one_process_on_the_union(tmp_path, launcher):
     single = subprocess.run([sys.executable, str(WORKER), str(tmp_path / "single.npz"), "single"],
                             capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr
@@ -29,22 +55,13 @@ def test_two_ranks_equal_one_process_on_the_union(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_rank_cli_run_logs_once_and_resumes(tmp_path):
+def test_two_rank_cli_run_logs_once_and_resumes(tmp_path, launcher, tiny_run):
     """`mlx.launch -n 2 -- abot train`: rank 0 alone writes logs and checkpoints; a resumed run continues."""
-    launcher = shutil.which("mlx.launch", path=str(Path(sys.executable).parent))
-    if launcher is None:
-        pytest.skip("mlx.launch is not installed")
-    config = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
-    common = [f"train.save_dir={tmp_path}/run", f"train.tokenizer_path={tmp_path}/tok.model", "model.vocab_size=500",
-              "model.n_layers=2", "model.d_model=64", "model.n_heads=4", "data.seq_len=32", "train.micro_batch_size=4",
-              "train.log_interval=5", "train.eval_interval=10", "train.eval_steps=2", "train.ckpt_interval=10"]
-    tok = subprocess.run([sys.executable, "-m", "abot", "tokenizer", "train", str(config), *common],
-                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert tok.returncode == 0, tok.stdout + tok.stderr
+    common = [*tiny_run, "train.eval_interval=10", "train.eval_steps=2"]
 
     def launch(*extra):
         return subprocess.run([launcher, "-n", "2", "--backend", "ring", "--", sys.executable, "-m", "abot", "train",
-                               str(config), *common, *extra], capture_output=True, text=True, timeout=300,
+                               str(CONFIG), *common, *extra], capture_output=True, text=True, timeout=300,
                               cwd=tmp_path)
 
     first = launch("train.total_steps=10")
@@ -54,35 +71,18 @@ def test_two_rank_cli_run_logs_once_and_resumes(tmp_path):
     second = launch("train.total_steps=20", "--resume")
     assert second.returncode == 0, second.stdout + second.stderr
     assert "at step 10" in second.stdout
-    import json
-
-    summary = json.loads((tmp_path / "run" / "logs" / "final_training_summary.json").read_text())
-    assert summary["start_step"] == 10 and summary["final_step"] == 20 and summary["tokens_per_step"] == 256
+    result = summary(tmp_path)
+    assert result["start_step"] == 10 and result["final_step"] == 20 and result["tokens_per_step"] == 256
     steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "logs" / "metrics.jsonl").read_text().splitlines()
              if json.loads(x)["split"] == "train"]
     assert steps == [5, 10, 15, 20]  # each logged once, by rank 0
 
 
 @pytest.mark.slow
-def test_killed_two_rank_run_resumes_and_continues(tmp_path):
+def test_killed_two_rank_run_resumes_and_continues(tmp_path, launcher, tiny_run):
     """SIGKILL the whole 2-rank job after its first checkpoint; `--resume` on 2 ranks continues to the end."""
-    import json
-    import os
-    import signal
-    import time
-
-    launcher = shutil.which("mlx.launch", path=str(Path(sys.executable).parent))
-    if launcher is None:
-        pytest.skip("mlx.launch is not installed")
-    config = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
-    common = [f"train.save_dir={tmp_path}/run", f"train.tokenizer_path={tmp_path}/tok.model", "model.vocab_size=500",
-              "model.n_layers=2", "model.d_model=64", "model.n_heads=4", "data.seq_len=32", "train.micro_batch_size=4",
-              "train.log_interval=5", "train.eval_interval=1000", "train.eval_steps=1", "train.ckpt_interval=10",
-              "train.total_steps=400"]
-    tok = subprocess.run([sys.executable, "-m", "abot", "tokenizer", "train", str(config), *common],
-                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert tok.returncode == 0, tok.stdout + tok.stderr
-    command = [launcher, "-n", "2", "--backend", "ring", "--", sys.executable, "-m", "abot", "train", str(config),
+    common = [*tiny_run, "train.eval_interval=1000", "train.eval_steps=1", "train.total_steps=400"]
+    command = [launcher, "-n", "2", "--backend", "ring", "--", sys.executable, "-m", "abot", "train", str(CONFIG),
                *common]
     job = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                            start_new_session=True)
@@ -97,5 +97,5 @@ def test_killed_two_rank_run_resumes_and_continues(tmp_path):
     resumed = subprocess.run([*command[:-1], "train.total_steps=30", "--resume"], capture_output=True, text=True,
                              timeout=300, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    summary = json.loads((tmp_path / "run" / "logs" / "final_training_summary.json").read_text())
-    assert 10 <= summary["start_step"] < 30 and summary["final_step"] == 30
+    result = summary(tmp_path)
+    assert 10 <= result["start_step"] < 30 and result["final_step"] == 30
