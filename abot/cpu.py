@@ -8,10 +8,16 @@ macOS (Metal, Accelerate) or with MLX's CUDA build.
    `cblas_*` calls resolve there. `ABOT_BLAS=off` disables this; `ABOT_BLAS=/path/lib.so` loads that
    library instead.
 2. JIT flags. `mx.compile` builds fused elementwise kernels with `g++ -O3` for baseline x86-64, where
-   `fma()` in MLX's exp/sigmoid polynomials is a slow software routine. On CPUs with AVX2+FMA we put a
-   `g++` first on PATH that adds `-march=x86-64-v3` (a fixed level, not -march=native, so kernels
-   cached under /tmp stay valid on any AVX2 machine). Measured: a fused exp 4x faster. `ABOT_JIT_FLAGS=off`
-   disables it.
+   `fma()` in MLX's exp/sigmoid polynomials is a slow software routine, and no kernel loop that calls
+   exp is vectorised. On CPUs with AVX2+FMA we put a `g++` first on PATH that adds `-march=x86-64-v3`
+   (a fixed level, not -march=native, so kernels cached under /tmp stay valid on any AVX2 machine) and
+   the flags that let GCC vectorise those loops (see `_JIT_FLAGS`). Measured on a tiny-model step:
+   a fused exp 4x faster from -march, SwiGLU's gate 11x and the whole step 1.5x from vectorising.
+   `ABOT_JIT_FLAGS=off` disables it.
+3. Memory reuse. MLX's CPU allocator is plain malloc, and glibc hands out every block above 32 MiB
+   (a batch's logits, the attention scores of longer sequences) as a fresh mmap: zero-filled pages,
+   one page fault per 4 KiB, on every step. We tell glibc to keep freed memory for reuse instead
+   (see `ensure_malloc_reuse`). `ABOT_MALLOC=off` disables it.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ void cblas_dgemm(int o, int ta, int tb, int m, int n, int k, double al, const do
 # What was done, for `abot verify` and the start-up line.
 status = "not attempted"  # BLAS: "numpy-openblas", a path, or a reason
 jit_status = "not attempted"
+malloc_status = "not attempted"
 
 
 def _needs_shim() -> bool:
@@ -119,6 +126,12 @@ def ensure_fast_blas() -> str:
 
 
 _JIT_LEVEL = "x86-64-v3"
+# MLX's scalar exp() is a polynomial plus range checks written as selects. GCC leaves it out of line and,
+# under the default -ftrapping-math, will not if-convert the checks, so every loop that calls exp stays
+# scalar ("control flow in loop"). Inlining it and -fno-trapping-math (MLX never enables FP traps) let
+# the loop vectorise, 8 lanes at a time; the arithmetic, hence every result, is unchanged. PyTorch builds
+# its own CPU kernels with the same two -fno-* flags.
+_JIT_FLAGS = f"-march={_JIT_LEVEL} -fno-trapping-math -fno-math-errno -finline-limit=1000"
 # The g++ abot puts first on PATH. Besides the -march flag, it writes the library MLX asked for (-o) to a
 # temporary name and renames it into place: MLX's kernel cache under /tmp is shared by every process, and
 # two runs compiling the same kernel at once could otherwise load a half-written file.
@@ -130,7 +143,7 @@ for a do
   if [ "$prev" = "-o" ]; then out=$a; set -- "$@" "$a.tmp$$"; else set -- "$@" "$a"; fi
   prev=$a
 done
-"{real}" -march={level} "$@" || exit $?
+"{real}" {flags} "$@" || exit $?
 if [ -n "$out" ]; then mv -f "$out.tmp$$" "$out"; fi
 """
 _V3_FLAGS = {"avx2", "fma", "bmi2", "f16c", "movbe"}
@@ -166,7 +179,7 @@ def ensure_jit_flags() -> str:
         wrapper_dir = _cache_dir() / f"jit-{_JIT_LEVEL}"
         wrapper = wrapper_dir / "g++"
         if real != str(wrapper):
-            script = _WRAPPER.format(real=real, level=_JIT_LEVEL)
+            script = _WRAPPER.format(real=real, flags=_JIT_FLAGS)
             if not wrapper.exists() or wrapper.read_text() != script:
                 wrapper_dir.mkdir(parents=True, exist_ok=True)
                 tmp = wrapper.with_suffix(f".tmp{os.getpid()}")
@@ -174,5 +187,61 @@ def ensure_jit_flags() -> str:
                 tmp.chmod(0o755)
                 os.replace(tmp, wrapper)
             os.environ["PATH"] = f"{wrapper_dir}{os.pathsep}{os.environ.get('PATH', '')}"
-        jit_status = f"-march={_JIT_LEVEL}"
+        _retire_stale_kernels(_mlx_kernel_dir(), _JIT_FLAGS)
+        jit_status = f"-march={_JIT_LEVEL}, vectorised"
     return jit_status
+
+
+def _mlx_kernel_dir() -> Path:
+    """Where MLX caches CPU JIT kernels: std::filesystem::temp_directory_path() / mlx / <version> / cpu."""
+    base = next((os.environ[v] for v in ("TMPDIR", "TMP", "TEMP", "TEMPDIR") if os.environ.get(v)), "/tmp")
+    return Path(base) / "mlx" / importlib.metadata.version("mlx") / "cpu"
+
+
+def _retire_stale_kernels(kernel_dir: Path, flags: str) -> None:
+    """Set aside cached kernels built with other flags (plain MLX, an older abot), once.
+
+    MLX names a cached kernel by its graph, not by how it was compiled, and never rebuilds one it finds,
+    so without this a machine keeps its slow kernels. A stamp file records the flags; the stale folder
+    is renamed (atomic) before it is deleted, so no process ever loads a half-deleted kernel by name.
+    """
+    stamp = kernel_dir / "abot-jit-flags"
+    try:
+        if stamp.read_text() == flags:
+            return
+    except OSError:
+        pass
+    try:
+        if kernel_dir.exists():
+            stale = kernel_dir.with_name(f"{kernel_dir.name}.stale-{os.getpid()}")
+            os.replace(kernel_dir, stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        kernel_dir.mkdir(parents=True, exist_ok=True)
+        tmp = stamp.with_name(f"{stamp.name}.tmp{os.getpid()}")
+        tmp.write_text(flags)
+        os.replace(tmp, stamp)
+    except OSError:
+        pass  # an unwritable temp folder: kernels stay as they are (slower, never wrong)
+
+
+def ensure_malloc_reuse() -> str:
+    """Make glibc reuse freed memory for MLX's large CPU buffers instead of mapping fresh pages each time.
+
+    M_MMAP_MAX=0: no block is served by mmap (their threshold cannot exceed 32 MiB); M_TRIM_THRESHOLD:
+    up to 1 GiB of freed memory stays mapped. Measured: exp over 2048 x 8000 floats 52 -> 11 ms; a
+    tiny-model step 15% faster. The cost: the process keeps its peak memory mapped, as a caching
+    allocator does (MLX's peak-memory figures are unchanged).
+    """
+    global malloc_status
+    if os.environ.get("ABOT_MALLOC", "auto") == "off":
+        malloc_status = "disabled (ABOT_MALLOC=off)"
+    elif not _needs_shim():
+        malloc_status = "not needed"
+    else:
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+            ok = libc.mallopt(-4, 0) and libc.mallopt(-1, 1 << 30)  # M_MMAP_MAX, M_TRIM_THRESHOLD
+            malloc_status = "reuse" if ok else "default (mallopt refused)"
+        except (OSError, AttributeError):
+            malloc_status = "default (not glibc)"
+    return malloc_status

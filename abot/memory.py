@@ -12,20 +12,15 @@ with c = bytes per element of the compute precision (4 for float32, 2 for bfloat
 
 Activation phase (forward + backward of one micro-batch), per-token sizes with T = B*L:
 
-    BLD = T*D*c      BLF = T*F*c      BHLL = B*H*L*L*c (CPU only)      BLV = T*V*4 (float32)
+    BLD = T*D*c      BLF = T*F*c      BHLL = B*H*L*L*c      BLV = T*V*4 (float32)
 
     saved per block = 8 BLD                     block input x, its RMSNorm output, q*scale and k after RoPE,
                                                 v, the merged attention output, the mid-block residual and its
                                                 RMSNorm output (each needed by a matmul's or a norm's
                                                 backward)
-                    + 2 BHLL + L*L*c            CPU attention: exp(scores - max) and the probabilities
-                                                (softmax backward needs both), and the causal mask; on GPUs
-                                                MLX's fused attention keeps none of these, its backward
-                                                recomputes them for the block being differentiated (so
-                                                they count once; not measured here: no GPU)
-                    + 8 BLF + T*F               SwiGLU: written as x*where(x>=0, 1, e)/(1+e), e = exp(-|x|),
-                                                autodiff keeps gate, up, e, where(...), x*where, 1+e, silu,
-                                                silu*up (8 floats per hidden unit) and the x>=0 mask (bool);
+                    + 5 BLF                     SwiGLU with its hand-written gradient (abot/ops/elementwise.py):
+                                                gate, up and silu(gate)*up, which the backward pass needs,
+                                                and 2 BLF more (measured, CPU)
                       (gelu: 4 BLF)             GELU: up, up/sqrt(2), 1+erf(.), the GELU output
                     + 2*T*D                     dropout > 0: the two bool keep-masks
     top             = 3 BLD                     embedding output, final-norm input and output
@@ -34,14 +29,17 @@ Activation phase (forward + backward of one micro-batch), per-token sizes with T
                                                 start of the backward pass (+ T*V*c for the low-precision
                                                 logits when c < 4)
 
-    one micro-batch, no checkpointing:  (n + 1) * saved-per-block + top + loss
+    attention: no seq x seq matrix is kept from the forward pass (MLX's fused kernel on GPUs, a
+        FlashAttention-style backward on the CPU); the block whose backward is running rebuilds its
+        probabilities and their gradients: + 4 BHLL + L*L*c (with the causal mask) once.
+    one micro-batch, no checkpointing:  (n + 1) * saved-per-block + 4 BHLL + top + loss
         the peak is where the backward pass starts: every block's saved set, the loss buffers, and the
         top block's first cotangents (gradients of its saved tensors), about as large as its saved set.
     one micro-batch, gradient checkpointing:  the larger of
-        n * BLD + 2 * saved-per-block + top + loss
+        n * BLD + 2 * saved-per-block + 4 BHLL + top + loss
             backward's start: each block kept only its input (BLD); the top block recomputed (its saved
             set) with its cotangents (about as much again), the loss buffers;
-        n * (BLD + 2 BLF + BLD) + 2 * saved-per-block + top + BLV
+        n * (BLD + 2 BLF + BLD) + 2 * saved-per-block + 4 BHLL + top + BLV
             backward's end: MLX computes a block's gate/up weight gradients only after the input-gradient
             chain has passed below it, so every block holds those two MLP cotangents and its normalised
             input (2 BLF + BLD) until then; of the loss buffers only the logits gradient is left (the tied
@@ -166,26 +164,26 @@ def on_gpu() -> bool:
     return mx.default_device() == mx.gpu
 
 
-def estimate_memory(cfg: Config, shapes: Shapes | None = None, gpu: bool | None = None) -> MemoryEstimate:
+def estimate_memory(cfg: Config, shapes: Shapes | None = None) -> MemoryEstimate:
     """Peak bytes of one compiled train step for `cfg` (formula in the module docstring)."""
     from abot.models.transformer import hidden_size
     from abot.step import DTYPES
 
     shapes = shapes or model_shapes(cfg)
-    gpu = on_gpu() if gpu is None else gpu
     m, t = cfg.model, cfg.train
     c = DTYPES[t.precision].size if t.precision in DTYPES else 4
     b, seq, d, f, h, v, n = t.micro_batch_size, cfg.data.seq_len, m.d_model, hidden_size(m), m.n_heads, \
         m.vocab_size, m.n_layers
     tokens = b * seq
     bld, blf, blv = tokens * d * c, tokens * f * c, tokens * v * 4
-    attention = 2 * b * h * seq * seq * c + seq * seq * c  # probabilities + softmax exp, and the mask
-    mlp = 8 * blf + tokens * f if m.ffn_activation == "silu" else 4 * blf
+    attention = 4 * b * h * seq * seq * c + seq * seq * c  # the active block's rebuilt probabilities
+    mlp = 5 * blf if m.ffn_activation == "silu" else 4 * blf
     drop = 2 * tokens * d if m.dropout > 0 else 0
-    block = 8 * bld + (0 if gpu else attention) + mlp + drop
-    # The block whose backward is running: its saved set again as cotangents; on GPUs the fused attention's
-    # backward recomputes that block's attention matrices.
-    active = block + (attention if gpu else 0)
+    # Attention keeps no seq x seq matrix between forward and backward (fused on GPUs, FlashAttention-style
+    # backward on the CPU): the block whose backward is running rebuilds its own, on top of its saved set
+    # again as cotangents.
+    block = 8 * bld + mlp + drop
+    active = block + attention
     top = 3 * bld + (tokens * d if m.dropout > 0 else 0)
     loss = 3 * blv + (tokens * v * c if c < 4 else 0)
     no_ckpt = n * block + active + top + loss

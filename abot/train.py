@@ -39,7 +39,7 @@ SAFE_MODEL_CHANGES = {"dropout"}
 def device_line() -> str:
     if mx.default_device() == mx.gpu:
         return "device: gpu (" + ("Metal" if mx.metal.is_available() else "CUDA") + ")"
-    return f"device: cpu, BLAS: {cpu.status}, JIT: {cpu.jit_status}"
+    return f"device: cpu, BLAS: {cpu.status}, JIT: {cpu.jit_status}, malloc: {cpu.malloc_status}"
 
 
 def describe_eval(result: dict) -> str:

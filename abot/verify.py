@@ -310,7 +310,7 @@ def check_compute(cfg: Config | None = None) -> Check:
         kind = "Metal" if mx.metal.is_available() else "CUDA"
         return Check("device", PASS, f"GPU ({kind}); 512^3 sgemm {gflops:,.0f} GFLOP/s")
     reference = numpy_sgemm_gflops()
-    detail = (f"CPU, BLAS: {cpu.status}, JIT: {cpu.jit_status}; 512^3 sgemm {gflops:,.1f} GFLOP/s "
+    detail = (f"CPU, BLAS: {cpu.status}, JIT: {cpu.jit_status}, malloc: {cpu.malloc_status}; 512^3 sgemm {gflops:,.1f} GFLOP/s "
               f"(numpy: {reference:,.1f})")
     if cpu.status.startswith(("reference", "disabled")) or gflops < reference / 4:
         return Check("device", WARN, detail + "; MLX is on a slow (reference) BLAS",

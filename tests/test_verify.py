@@ -141,18 +141,19 @@ def test_guide_sizes_are_counted_without_allocating_them():
 
 def test_estimate_terms_move_the_right_way():
     cfg = load_config(CONFIGS / "medium.yaml", ["train.grad_accum_steps=1"])
-    est = memory.estimate_memory(cfg, gpu=False)
+    est = memory.estimate_memory(cfg)
     assert est.activations_ckpt < est.activations_no_ckpt
     assert est.peak == est.state + max(est.activations, est.update)
     bigger = memory.estimate_memory(load_config(CONFIGS / "medium.yaml", ["train.grad_accum_steps=1",
-                                                                           "train.micro_batch_size=4"]), gpu=False)
+                                                                           "train.micro_batch_size=4"]))
     assert bigger.activations > 3 * est.activations  # activations scale with the micro-batch
-    accum = memory.estimate_memory(load_config(CONFIGS / "medium.yaml"), gpu=False)  # 4 micro-batches
+    accum = memory.estimate_memory(load_config(CONFIGS / "medium.yaml"))  # 4 micro-batches
     assert 2 * est.activations < accum.activations < 4 * est.activations + 4 * est.params
-    adamw = memory.estimate_memory(load_config(CONFIGS / "medium.yaml", ["train.optimizer=adamw"]), gpu=False)
+    adamw = memory.estimate_memory(load_config(CONFIGS / "medium.yaml", ["train.optimizer=adamw"]))
     assert abs(adamw.optimizer - 2 * adamw.params) < 64  # m and v, plus a step counter
-    gpu = memory.estimate_memory(cfg, gpu=True)  # fused attention keeps no (seq x seq) matrices
-    assert gpu.activations < est.activations
+    longer = memory.estimate_memory(load_config(CONFIGS / "medium.yaml", ["train.grad_accum_steps=1",
+                                                                           "data.seq_len=4096"]))
+    assert longer.activations > 2 * est.activations  # twice the tokens, and the active block's (seq x seq) terms x4
 
 
 def test_memory_over_the_total_fails_with_the_fixes_and_train_only_warns():

@@ -11,15 +11,38 @@ def causal_attention(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
     """softmax(q k^T / sqrt(d) + causal mask) v.
 
     The mask is aligned bottom-right, so with a KV cache (k, v longer than q) query i sees keys up to
-    position len(k) - len(q) + i; masked scores are -inf. On GPUs this is MLX's fused kernel; on the CPU,
-    two matmuls around a softmax that `mx.compile` fuses (MLX's CPU attention falls back to a slower
-    precompiled softmax, see abot/ops/elementwise.py).
+    position len(k) - len(q) + i; masked scores are -inf. On GPUs this is MLX's fused kernel; on the
+    CPU, matmuls around elementwise kernels that `mx.compile` fuses, with a hand-written backward pass
+    when there is a mask to apply (training, prompt prefill).
     """
     scale = 1.0 / math.sqrt(q.shape[-1])
     n_q, n_k = q.shape[2], k.shape[2]
     if fused_kernels():
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal" if n_q > 1 else None)
-    scores = (q * scale) @ k.swapaxes(-1, -2)
-    if n_q > 1:
-        scores = scores + mx.triu(mx.full((n_q, n_k), -mx.inf, dtype=scores.dtype), k=n_k - n_q + 1)
-    return softmax(scores) @ v
+    if n_q == 1:  # one new token (KV-cached decoding) sees every key
+        return softmax((q * scale) @ k.swapaxes(-1, -2)) @ v
+    mask = mx.triu(mx.full((n_q, n_k), -mx.inf, dtype=q.dtype), k=n_k - n_q + 1)
+    return _masked_attention(q * scale, k, v, mask)[0]
+
+
+@mx.custom_function
+def _masked_attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array) -> tuple[mx.array, mx.array]:
+    """(softmax(q k^T + mask) v, the rows' log-sum-exp); q is already scaled."""
+    s = q @ k.swapaxes(-1, -2) + mask
+    m = s.max(-1, keepdims=True)
+    e = mx.exp(s - m)
+    total = e.sum(-1, keepdims=True)
+    return (e @ v) * (1.0 / total), m + mx.log(total)  # normalise the (seq, head_dim) output, not the scores
+
+
+@_masked_attention.vjp
+def _masked_attention_vjp(primals, cotangents, outputs):
+    # FlashAttention's backward pass (Dao et al., 2022, algorithm 4): rebuild the probabilities from the
+    # saved log-sum-exp instead of keeping the (seq x seq) matrix from the forward pass, and use
+    # rowsum(dP * P) = rowsum(dO * O), a sum over head_dim. Memory: no seq^2 activation per layer.
+    q, k, v, mask = primals
+    d_out = cotangents[0]
+    out, lse = outputs
+    p = mx.exp(q @ k.swapaxes(-1, -2) + mask - lse)
+    d_s = p * (d_out @ v.swapaxes(-1, -2) - (d_out * out).sum(-1, keepdims=True))
+    return d_s @ k, d_s.swapaxes(-1, -2) @ q, p.swapaxes(-1, -2) @ d_out, mx.zeros_like(mask)

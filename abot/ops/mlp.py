@@ -3,11 +3,11 @@
 import mlx.core as mx
 import mlx.nn as nn
 
-from abot.ops.elementwise import silu
+from abot.ops.elementwise import silu_gate
 
 
 def swiglu(x: mx.array, w_gate: mx.array, w_up: mx.array, w_down: mx.array) -> mx.array:
-    return (silu(x @ w_gate) * (x @ w_up)) @ w_down
+    return silu_gate(x @ w_gate, x @ w_up) @ w_down
 
 
 def gelu_mlp(x: mx.array, w_up: mx.array, w_down: mx.array) -> mx.array:

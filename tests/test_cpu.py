@@ -1,0 +1,64 @@
+"""The Linux CPU set-up in abot/cpu.py: JIT compiler flags, their kernel cache, malloc reuse."""
+
+import ctypes
+import os
+import shutil
+
+import pytest
+
+from abot import cpu
+
+
+def test_kernels_built_with_other_flags_are_set_aside_once(tmp_path):
+    kernels = tmp_path / "mlx" / "0.0.0" / "cpu"
+    kernels.mkdir(parents=True)
+    (kernels / "libold_contiguous.so").write_text("built without abot's flags")
+
+    cpu._retire_stale_kernels(kernels, "-march=x86-64-v3 -fA")
+    assert not (kernels / "libold_contiguous.so").exists()
+    assert (kernels / "abot-jit-flags").read_text() == "-march=x86-64-v3 -fA"
+    assert sorted(p.name for p in kernels.parent.iterdir()) == ["cpu"]  # the stale copy is deleted
+
+    (kernels / "libnew_contiguous.so").write_text("built with them")
+    cpu._retire_stale_kernels(kernels, "-march=x86-64-v3 -fA")
+    assert (kernels / "libnew_contiguous.so").exists()  # same flags: the cache is kept
+
+    cpu._retire_stale_kernels(kernels, "-march=x86-64-v3 -fB")
+    assert not (kernels / "libnew_contiguous.so").exists()
+    assert (kernels / "abot-jit-flags").read_text() == "-march=x86-64-v3 -fB"
+
+
+def test_missing_cache_folder_is_created_with_its_stamp(tmp_path):
+    kernels = tmp_path / "fresh" / "cpu"
+    cpu._retire_stale_kernels(kernels, "flags")
+    assert (kernels / "abot-jit-flags").read_text() == "flags"
+
+
+@pytest.mark.skipif(not cpu.jit_status.startswith("-march"), reason="JIT flags not in use on this machine")
+def test_the_g_plus_plus_mlx_runs_is_abots_wrapper_with_the_flags():
+    wrapper = shutil.which("g++")
+    assert wrapper is not None and "abot" in wrapper
+    with open(wrapper) as f:
+        assert cpu._JIT_FLAGS in f.read()
+    assert os.environ["PATH"].split(os.pathsep)[0] == os.path.dirname(wrapper)
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+@pytest.mark.skipif(cpu.malloc_status != "reuse", reason="not MLX's Linux CPU backend on glibc")
+def test_large_mlx_buffers_are_not_served_by_fresh_mmaps():
+    import mlx.core as mx
+
+    libc = ctypes.CDLL("libc.so.6")
+    if not hasattr(libc, "mallinfo2"):
+        pytest.skip("glibc < 2.33")
+    libc.mallinfo2.restype = _MallInfo2
+    before = libc.mallinfo2().hblkhd  # bytes held in mmapped blocks
+    x = mx.ones((4096, 4096)) * 2.0  # 64 MiB, above glibc's largest mmap threshold (32 MiB)
+    mx.eval(x)
+    assert libc.mallinfo2().hblkhd - before < 32 << 20
+    assert x[0, 0].item() == 2.0
