@@ -132,7 +132,7 @@ _JIT_LEVEL = "x86-64-v3"
 # the loop vectorise, 8 lanes at a time; the arithmetic, hence every result, is unchanged. PyTorch builds
 # its own CPU kernels with the same two -fno-* flags.
 _JIT_FLAGS = f"-march={_JIT_LEVEL} -fno-trapping-math -fno-math-errno -finline-limit=1000"
-# The g++ abot puts first on PATH. Besides the -march flag, it writes the library MLX asked for (-o) to a
+# The g++ abot puts first on PATH. Besides adding the flags, it writes the library MLX asked for (-o) to a
 # temporary name and renames it into place: MLX's kernel cache under /tmp is shared by every process, and
 # two runs compiling the same kernel at once could otherwise load a half-written file.
 _WRAPPER = """#!/bin/sh

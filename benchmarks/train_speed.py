@@ -62,16 +62,16 @@ def flops_per_token(cfg: ModelConfig, n_params: int, seq_len: int) -> float:
 
 
 def bench(shape: str, optimizer: str, compile: bool, checkpointing: bool, steps: int, warmup: int = 3,
-          group=None) -> dict:
+          group=None, accum: int = 1) -> dict:
     """One configuration's figures; with a distributed `group`, each rank runs the shape's batch (tokens/s: world)."""
     d, layers, heads, seq, batch = SHAPES[shape]
     cfg = ModelConfig(vocab_size=VOCAB, n_layers=layers, d_model=d, n_heads=heads, dropout=0.0, max_seq_len=seq)
     model = transformer(cfg, gradient_checkpointing=checkpointing)
     opt = optimizers.get(optimizer)(weight_decay=0.02)
     state = init_state(model.init(mx.random.key(0)), opt, mx.random.key(1))
-    step = make_train_step(model, next_token, opt, grad_accum_steps=1, max_grad_norm=1.0, compile=compile,
+    step = make_train_step(model, next_token, opt, grad_accum_steps=accum, max_grad_norm=1.0, compile=compile,
                            group=group)
-    tokens = mx.random.randint(0, VOCAB, (1, batch, seq + 1), key=mx.random.key(2))
+    tokens = mx.random.randint(0, VOCAB, (accum, batch, seq + 1), key=mx.random.key(2))
     lr = mx.array(1e-3)
     mx.eval(state, tokens)
     mx.reset_peak_memory()
@@ -85,7 +85,7 @@ def bench(shape: str, optimizer: str, compile: bool, checkpointing: bool, steps:
     step_s = statistics.median(times)
     n_params = count_params(state["params"])
     fpt = flops_per_token(cfg, n_params, seq)
-    tok_s = batch * seq * (group.size() if group else 1) / step_s
+    tok_s = accum * batch * seq * (group.size() if group else 1) / step_s
     return {"tokens_per_s": tok_s, "step_s": step_s, "flops_per_token": fpt, "gflops": tok_s * fpt / 1e9,
             "peak_mem_gb": mx.get_peak_memory() / 1e9, "params_m": n_params / 1e6}
 
@@ -106,6 +106,8 @@ def main():
     parser.add_argument("--shapes", default="tiny,small")
     parser.add_argument("--optimizers", default="muon_adamw,adamw")
     parser.add_argument("--variants", action="store_true", help="also: uncompiled, gradient checkpointing")
+    parser.add_argument("--accum", type=int, default=1,
+                        help="micro-batches per optimizer step (Muon's Newton-Schulz runs once per step)")
     args = parser.parse_args()
     mlx_peak, numpy_peak = matmul_peak_gflops()
     print(f"BLAS: {cpu.status}; JIT: {cpu.jit_status}; fp32 1024^3 matmul: MLX {mlx_peak:.0f} GFLOP/s, numpy {numpy_peak:.0f} GFLOP/s")
@@ -120,7 +122,7 @@ def main():
             runs += [(runs[0][0], False, False), (runs[0][0], True, True)]
         results = {}
         for opt, compile, ckpt in runs:
-            r = results[opt, compile, ckpt] = bench(shape, opt, compile, ckpt, args.steps)
+            r = results[opt, compile, ckpt] = bench(shape, opt, compile, ckpt, args.steps, accum=args.accum)
             print(f"{shape:6} {opt:11} {str(compile):7} {str(ckpt):5} {r['params_m']:6.1f}M {r['tokens_per_s']:8.0f} "
                   f"{r['step_s'] * 1e3:8.1f} {r['flops_per_token'] / 1e9:9.3f} {r['gflops']:8.1f} "
                   f"{100 * r['gflops'] / mlx_peak:5.0f}% {r['peak_mem_gb']:6.2f}")
