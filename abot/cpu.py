@@ -34,6 +34,8 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from abot.device import installed_backends
+
 _SHIM_C = r"""
 #include <stdint.h>
 void scipy_cblas_sgemm64_(int, int, int, int64_t, int64_t, int64_t, float, const float*, int64_t,
@@ -52,15 +54,15 @@ void cblas_dgemm(int o, int ta, int tb, int m, int n, int k, double al, const do
 status = "not attempted"  # BLAS: "numpy-openblas", a path, or a reason
 jit_status = "not attempted"
 malloc_status = "not attempted"
+eval_order_status = "not attempted"
 
 
-def _needs_shim() -> bool:
+def _linux_cpu_build() -> bool:
+    """True for MLX's Linux CPU build (CUDA builds run matmuls through cuBLAS; macOS uses Accelerate)."""
     if not sys.platform.startswith("linux"):
         return False
-    names = {d.metadata["Name"].lower() for d in importlib.metadata.distributions() if d.metadata["Name"]}
-    if any(n.startswith("mlx-cuda") or n.startswith("mlx_cuda") for n in names):
-        return False  # CUDA build: matmuls run on the GPU through cuBLAS
-    return "mlx-cpu" in names or "mlx_cpu" in names
+    backends = installed_backends()
+    return "mlx-cpu" in backends and not any(n.startswith("mlx-cuda") for n in backends)
 
 
 def _numpy_openblas() -> str | None:
@@ -108,7 +110,7 @@ def ensure_fast_blas() -> str:
     elif choice != "auto":
         ctypes.CDLL(choice, mode=os.RTLD_GLOBAL)
         status = choice
-    elif not _needs_shim():
+    elif not _linux_cpu_build():
         status = "not needed (native backend)"
     else:
         try:
@@ -167,7 +169,7 @@ def ensure_jit_flags() -> str:
 
     if os.environ.get("ABOT_JIT_FLAGS", "auto") == "off":
         jit_status = "disabled (ABOT_JIT_FLAGS=off)"
-    elif platform.machine() != "x86_64" or not _needs_shim():
+    elif platform.machine() != "x86_64" or not _linux_cpu_build():
         jit_status = "not needed"
     elif not _V3_FLAGS <= _cpu_flags():
         jit_status = "baseline x86-64 (CPU lacks AVX2/FMA)"
@@ -235,7 +237,7 @@ def ensure_malloc_reuse() -> str:
     global malloc_status
     if os.environ.get("ABOT_MALLOC", "auto") == "off":
         malloc_status = "disabled (ABOT_MALLOC=off)"
-    elif not _needs_shim():
+    elif not _linux_cpu_build():
         malloc_status = "not needed"
     else:
         try:
@@ -245,3 +247,19 @@ def ensure_malloc_reuse() -> str:
         except (OSError, AttributeError):
             malloc_status = "default (not glibc)"
     return malloc_status
+
+
+def ensure_eval_order() -> str:
+    """On the CPU, have MLX evaluate graphs depth-first (MLX_BFS_MAX_WIDTH=1) unless the user chose a width.
+
+    MLX walks a graph breadth-first, up to 20 independent branches at a time by default, and keeps their
+    intermediates alive together. Measured on a compiled float32 step (d768 x 6, 4k tokens): peak memory
+    5.20 -> 4.79 GB, tokens/s no lower. Not on GPUs: there the same change measured 19.9 -> 21.0 GB
+    (medium, bfloat16, H200). Runs before MLX's first evaluation.
+    """
+    global eval_order_status
+    if not _linux_cpu_build():
+        eval_order_status = "MLX default"
+    else:
+        eval_order_status = f"MLX_BFS_MAX_WIDTH={os.environ.setdefault('MLX_BFS_MAX_WIDTH', '1')}"
+    return eval_order_status

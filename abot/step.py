@@ -79,9 +79,10 @@ def make_train_step(model, loss_fn: Callable, optimizer: Optimizer, *, grad_accu
             grads = g if grads is None else tree_map(mx.add, grads, g)
             loss = loss + l
             aux_sum = {k: aux_sum.get(k, 0.0) + v for k, v in aux.items()}
-        inv = 1.0 / (grad_accum_steps * scale)
-        grads = tree_map(lambda g: g.astype(mx.float32) * inv, grads)
-        loss = loss / (grad_accum_steps * scale)
+        if grad_accum_steps > 1 or dynamic_scaling:  # else the factor is 1: no pass over every gradient
+            inv = 1.0 / (grad_accum_steps * scale)
+            grads = tree_map(lambda g: g.astype(mx.float32) * inv, grads)
+            loss = loss / (grad_accum_steps * scale)
         if world > 1:  # data parallel: all-reduce in 32 MiB buckets, then the metrics
             grads = nn.average_gradients(grads, group=group)
             loss, aux_sum = across_ranks((loss, aux_sum))

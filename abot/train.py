@@ -19,7 +19,7 @@ from mlx.utils import tree_flatten
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from abot import __version__, cpu
+from abot import __version__, device
 from abot.build import build_model, build_optimizer, build_schedule, ensure_tokenizer
 from abot.checkpoint import (latest_checkpoint, list_checkpoints, load_checkpoint, save_rotating,
                              verify_checkpoint)
@@ -34,12 +34,6 @@ from abot.step import init_state, make_eval_step, make_train_step
 
 # Model keys that may change between a checkpoint and its resumed run (everything else changes shapes).
 SAFE_MODEL_CHANGES = {"dropout"}
-
-
-def device_line() -> str:
-    if mx.default_device() == mx.gpu:
-        return "device: gpu (" + ("Metal" if mx.metal.is_available() else "CUDA") + ")"
-    return f"device: cpu, BLAS: {cpu.status}, JIT: {cpu.jit_status}, malloc: {cpu.malloc_status}"
 
 
 def describe_eval(result: dict) -> str:
@@ -220,7 +214,7 @@ def train(cfg: Config, resume: bool = False, console: Console | None = None, sta
     # The effective batch spans every rank: world x grad_accum x micro_batch sequences per update.
     tokens_per_step = world * t.grad_accum_steps * t.micro_batch_size * d.seq_len * SEQUENCES_PER_EXAMPLE[stage]
     n_params = count_params(state["params"])
-    console.print(f"abot {__version__} | {device_line()}")
+    console.print(f"abot {__version__} | {device.describe()}")
     console.print(f"model: {cfg.model.name}, {n_params / 1e6:.2f}M parameters | optimizer: {t.optimizer} | "
                   f"schedule: {t.schedule} | precision: {t.precision} | batch: "
                   + (f"{world} ranks x " if world > 1 else "")

@@ -303,15 +303,16 @@ def check_compute(cfg: Config | None = None) -> Check:
     busy machine slows both, a reference BLAS only MLX)."""
     import mlx.core as mx
 
-    from abot import cpu
+    from abot import cpu, device
 
     gflops = sgemm_gflops()
+    conflict = device.backend_conflict()
+    if conflict:
+        return Check("device", WARN, f"{device.describe()}; {conflict}", conflict.split("keep one: ")[1])
     if mx.default_device() == mx.gpu:
-        kind = "Metal" if mx.metal.is_available() else "CUDA"
-        return Check("device", PASS, f"GPU ({kind}); 512^3 sgemm {gflops:,.0f} GFLOP/s")
+        return Check("device", PASS, f"{device.describe()}; 512^3 sgemm {gflops:,.0f} GFLOP/s")
     reference = numpy_sgemm_gflops()
-    detail = (f"CPU, BLAS: {cpu.status}, JIT: {cpu.jit_status}, malloc: {cpu.malloc_status}; 512^3 sgemm {gflops:,.1f} GFLOP/s "
-              f"(numpy: {reference:,.1f})")
+    detail = f"{device.describe()}; 512^3 sgemm {gflops:,.1f} GFLOP/s (numpy: {reference:,.1f})"
     if cpu.status.startswith(("reference", "disabled")) or gflops < reference / 4:
         return Check("device", WARN, detail + "; MLX is on a slow (reference) BLAS",
                      "unset ABOT_BLAS=off and install a C compiler (abot builds a shim to numpy's OpenBLAS), "

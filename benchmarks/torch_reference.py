@@ -1,12 +1,20 @@
-"""PyTorch CPU eager reference of abot's transformer and AdamW step, for side-by-side speed figures.
+"""PyTorch reference of abot's transformer and AdamW step, for side-by-side speed figures.
 
 Same model as abot/models/transformer.py: pre-RMSNorm, rotate-half RoPE, causal SDPA, SwiGLU MLP of
 mlp_multiple * d_model, tied embeddings, GPT-2 init; AdamW (betas 0.9/0.95, decay on matrices), global-norm
-clip 1.0, float32. Used by benchmarks/train_speed.py when torch is installed (`pip install torch==2.13.0`).
+clip 1.0. float32 on the CPU (benchmarks/train_speed.py, when torch is installed: `pip install
+torch==2.13.0`); on CUDA (benchmarks/gpu_speed.py) float32 master weights with bfloat16 autocast, eager or
+`torch.compile` of forward + loss, and the fused AdamW kernel: PyTorch's fastest standard recipe.
+
+    python benchmarks/torch_reference.py --device cuda --precision bfloat16 --compile --dims 768,12,12,1024,16
+prints one JSON line: tokens_per_s, step_s, peak_mem_gb (CUDA), threads.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import json
 import math
 import statistics
 import time
@@ -26,17 +34,18 @@ def rotate_half(x, cos, sin):
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
-def init_params(vocab: int, d: int, layers: int, mlp_multiple: float = 4.0) -> dict:
+def init_params(vocab: int, d: int, layers: int, mlp_multiple: float = 4.0, device: str = "cpu") -> dict:
     h, std = int(mlp_multiple * d), 0.02
     out_std = std / math.sqrt(2 * layers)
-    normal = lambda *shape, s=std: (torch.randn(*shape) * s).requires_grad_()  # noqa: E731
-    params = {"embed": normal(vocab, d), "final_norm": torch.ones(d, requires_grad=True)}
+    normal = lambda *shape, s=std: (torch.randn(*shape, device=device) * s).requires_grad_()  # noqa: E731
+    ones = lambda n: torch.ones(n, device=device, requires_grad=True)  # noqa: E731
+    params = {"embed": normal(vocab, d), "final_norm": ones(d)}
     for i in range(layers):
         for name, shape, s in [("wq", (d, d), std), ("wk", (d, d), std), ("wv", (d, d), std), ("wo", (d, d), out_std),
                                ("w_gate", (d, h), std), ("w_up", (d, h), std), ("w_down", (h, d), out_std)]:
             params[f"{i}.{name}"] = normal(*shape, s=s)
-        params[f"{i}.attn_norm"] = torch.ones(d, requires_grad=True)
-        params[f"{i}.mlp_norm"] = torch.ones(d, requires_grad=True)
+        params[f"{i}.attn_norm"] = ones(d)
+        params[f"{i}.mlp_norm"] = ones(d)
     return params
 
 
@@ -56,25 +65,60 @@ def forward(params: dict, tokens, layers: int, heads: int, cos, sin, eps: float 
     return x @ params["embed"].T
 
 
-def bench(d: int, layers: int, heads: int, seq: int, batch: int, vocab: int, steps: int, warmup: int = 3) -> dict:
+def bench(d: int, layers: int, heads: int, seq: int, batch: int, vocab: int, steps: int, warmup: int = 3,
+          device: str = "cpu", precision: str = "float32", compile: bool = False) -> dict:
     torch.manual_seed(0)
-    params = init_params(vocab, d, layers)
+    cuda = device == "cuda"
+    params = init_params(vocab, d, layers, device=device)
     decay = [p for p in params.values() if p.ndim >= 2]
     no_decay = [p for p in params.values() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.02}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
-    cos, sin = rope_tables(seq, d // heads, 10000.0)
-    tokens = torch.randint(0, vocab, (batch, seq + 1))
+                            lr=1e-3, betas=(0.9, 0.95), eps=1e-8, **({"fused": True} if cuda else {}))
+    cos, sin = (t.to(device) for t in rope_tables(seq, d // heads, 10000.0))
+    tokens = torch.randint(0, vocab, (batch, seq + 1), device=device)
+
+    def loss_fn(params, tokens):
+        logits = forward(params, tokens[:, :-1], layers, heads, cos, sin)
+        return F.cross_entropy(logits.reshape(-1, vocab).float(), tokens[:, 1:].reshape(-1))
+
+    if compile:
+        loss_fn = torch.compile(loss_fn)
+    autocast = (torch.autocast(device, dtype=getattr(torch, precision)) if precision != "float32"
+                else contextlib.nullcontext())
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     times = []
     for i in range(warmup + steps):
+        sync()
         t0 = time.perf_counter()
-        logits = forward(params, tokens[:, :-1], layers, heads, cos, sin)
-        loss = F.cross_entropy(logits.reshape(-1, vocab), tokens[:, 1:].reshape(-1))
+        with autocast:
+            loss = loss_fn(params, tokens)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
         opt.step()
+        sync()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
-    return {"tokens_per_s": batch * seq / step_s, "step_s": step_s, "threads": torch.get_num_threads()}
+    return {"tokens_per_s": batch * seq / step_s, "step_s": step_s, "threads": torch.get_num_threads(),
+            "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else None, "loss": loss.item()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dims", required=True, help="d_model,n_layers,n_heads,seq_len,batch")
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--compile", action="store_true")
+    args = parser.parse_args()
+    d, layers, heads, seq, batch = (int(x) for x in args.dims.split(","))
+    print(json.dumps(bench(d, layers, heads, seq, batch, args.vocab, args.steps, device=args.device,
+                           precision=args.precision, compile=args.compile)))
+
+
+if __name__ == "__main__":
+    main()

@@ -61,17 +61,20 @@ def flops_per_token(cfg: ModelConfig, n_params: int, seq_len: int) -> float:
     return 6 * n_matmul + 12 * cfg.n_layers * seq_len * cfg.d_model
 
 
-def bench(shape: str, optimizer: str, compile: bool, checkpointing: bool, steps: int, warmup: int = 3,
-          group=None, accum: int = 1) -> dict:
-    """One configuration's figures; with a distributed `group`, each rank runs the shape's batch (tokens/s: world)."""
-    d, layers, heads, seq, batch = SHAPES[shape]
-    cfg = ModelConfig(vocab_size=VOCAB, n_layers=layers, d_model=d, n_heads=heads, dropout=0.0, max_seq_len=seq)
+def bench(shape, optimizer: str, compile: bool, checkpointing: bool, steps: int, warmup: int = 3,
+          group=None, accum: int = 1, vocab: int = VOCAB, precision: str = "float32") -> dict:
+    """One configuration's figures; with a distributed `group`, each rank runs the shape's batch (tokens/s: world).
+
+    `shape`: a name in SHAPES or a (d_model, n_layers, n_heads, seq_len, batch) tuple.
+    """
+    d, layers, heads, seq, batch = SHAPES[shape] if isinstance(shape, str) else shape
+    cfg = ModelConfig(vocab_size=vocab, n_layers=layers, d_model=d, n_heads=heads, dropout=0.0, max_seq_len=seq)
     model = transformer(cfg, gradient_checkpointing=checkpointing)
     opt = optimizers.get(optimizer)(weight_decay=0.02)
-    state = init_state(model.init(mx.random.key(0)), opt, mx.random.key(1))
+    state = init_state(model.init(mx.random.key(0)), opt, mx.random.key(1), precision)
     step = make_train_step(model, next_token, opt, grad_accum_steps=accum, max_grad_norm=1.0, compile=compile,
-                           group=group)
-    tokens = mx.random.randint(0, VOCAB, (accum, batch, seq + 1), key=mx.random.key(2))
+                           group=group, precision=precision)
+    tokens = mx.random.randint(0, vocab, (accum, batch, seq + 1), key=mx.random.key(2))
     lr = mx.array(1e-3)
     mx.eval(state, tokens)
     mx.reset_peak_memory()
@@ -87,7 +90,7 @@ def bench(shape: str, optimizer: str, compile: bool, checkpointing: bool, steps:
     fpt = flops_per_token(cfg, n_params, seq)
     tok_s = accum * batch * seq * (group.size() if group else 1) / step_s
     return {"tokens_per_s": tok_s, "step_s": step_s, "flops_per_token": fpt, "gflops": tok_s * fpt / 1e9,
-            "peak_mem_gb": mx.get_peak_memory() / 1e9, "params_m": n_params / 1e6}
+            "peak_mem_gb": mx.get_peak_memory() / 1e9, "params_m": n_params / 1e6, "loss": metrics["loss"].item()}
 
 
 def torch_reference(shape: str, steps: int) -> dict | None:

@@ -62,3 +62,26 @@ def test_large_mlx_buffers_are_not_served_by_fresh_mmaps():
     mx.eval(x)
     assert libc.mallinfo2().hblkhd - before < 32 << 20
     assert x[0, 0].item() == 2.0
+
+
+def test_the_cpu_blas_handling_stays_out_of_cuda_and_macos_builds(monkeypatch):
+    monkeypatch.setattr(cpu.sys, "platform", "linux")
+    for backends, expected in [(["mlx-cpu"], True), (["mlx-cuda-13"], False), (["mlx-cpu", "mlx-cuda-13"], False),
+                               ([], False)]:
+        monkeypatch.setattr(cpu, "installed_backends", lambda b=backends: b)
+        assert cpu._linux_cpu_build() is expected, backends
+    monkeypatch.setattr(cpu.sys, "platform", "darwin")
+    monkeypatch.setattr(cpu, "installed_backends", lambda: ["mlx-cpu"])
+    assert cpu._linux_cpu_build() is False
+
+
+def test_two_mlx_backends_installed_side_by_side_are_reported_with_the_fix(monkeypatch):
+    from abot import device, verify
+
+    assert device.backend_conflict() is None  # a test environment holds one backend
+    monkeypatch.setattr(device, "installed_backends", lambda: ["mlx-cpu", "mlx-cuda-13"])
+    message = device.backend_conflict()
+    assert "mlx-cpu and mlx-cuda-13" in message and "pip uninstall -y mlx-cpu mlx-cuda-13" in message
+    assert "abot[cuda]" in message
+    check = verify.check_compute()
+    assert check.status == "warn" and check.fix.startswith("pip uninstall -y mlx-cpu mlx-cuda-13")

@@ -11,18 +11,24 @@ def causal_attention(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
     """softmax(q k^T / sqrt(d) + causal mask) v.
 
     The mask is aligned bottom-right, so with a KV cache (k, v longer than q) query i sees keys up to
-    position len(k) - len(q) + i; masked scores are -inf. On GPUs this is MLX's fused kernel; on the
-    CPU, matmuls around elementwise kernels that `mx.compile` fuses, with a hand-written backward pass
-    when there is a mask to apply (training, prompt prefill).
+    position len(k) - len(q) + i; masked scores are -inf. On GPUs in bfloat16/float16 this is MLX's
+    fused kernel (cuDNN's flash attention on CUDA, forward and backward). Elsewhere (CPUs, float32 on a
+    GPU, which MLX would run unfused and keep every seq x seq probability matrix for backward) it is
+    matmuls around elementwise kernels that `mx.compile` fuses, with a hand-written backward pass
+    when there is a mask to apply (training, prompt prefill); scores and softmax statistics in float32.
     """
     scale = 1.0 / math.sqrt(q.shape[-1])
     n_q, n_k = q.shape[2], k.shape[2]
-    if fused_kernels():
+    if fused_kernels() and (n_q == 1 or q.dtype != mx.float32):
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal" if n_q > 1 else None)
+    dtype = q.dtype
+    if dtype != mx.float32:
+        q, k, v = (x.astype(mx.float32) for x in (q, k, v))
     if n_q == 1:  # one new token (KV-cached decoding) sees every key
-        return softmax((q * scale) @ k.swapaxes(-1, -2)) @ v
-    mask = mx.triu(mx.full((n_q, n_k), -mx.inf, dtype=q.dtype), k=n_k - n_q + 1)
-    return _masked_attention(q * scale, k, v, mask)[0]
+        return (softmax((q * scale) @ k.swapaxes(-1, -2)) @ v).astype(dtype)
+    mask = mx.triu(mx.full((n_q, n_k), -mx.inf, dtype=mx.float32), k=n_k - n_q + 1)
+    out = _masked_attention(q * scale, k, v, mask)[0]
+    return out if dtype == mx.float32 else out.astype(dtype)
 
 
 @mx.custom_function
@@ -43,6 +49,9 @@ def _masked_attention_vjp(primals, cotangents, outputs):
     q, k, v, mask = primals
     d_out = cotangents[0]
     out, lse = outputs
-    p = mx.exp(q @ k.swapaxes(-1, -2) + mask - lse)
-    d_s = p * (d_out @ v.swapaxes(-1, -2) - (d_out * out).sum(-1, keepdims=True))
-    return d_s @ k, d_s.swapaxes(-1, -2) @ q, p.swapaxes(-1, -2) @ d_out, mx.zeros_like(mask)
+    # Rebuilt transposed, (keys x queries), as k q^T: an expression the forward pass never computed. Under
+    # mx.compile, an identical q k^T + mask would be merged with the forward's scores (common subexpression
+    # elimination) and that seq x seq matrix kept alive until backward, one per layer.
+    p_t = mx.exp(k @ q.swapaxes(-1, -2) + mask.T - lse.swapaxes(-1, -2))
+    d_s_t = p_t * (v @ d_out.swapaxes(-1, -2) - (d_out * out).sum(-1, keepdims=True).swapaxes(-1, -2))
+    return d_s_t.swapaxes(-1, -2) @ k, d_s_t @ q, p_t @ d_out, mx.zeros_like(mask)

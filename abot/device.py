@@ -1,0 +1,45 @@
+"""Which MLX backend this process runs on, for the start-up line and `abot verify`.
+
+Nothing here imports `mlx.core` at module level: abot/cpu.py asks `installed_backends()` before MLX loads.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+
+
+def installed_backends() -> list[str]:
+    """MLX's backend distributions present (Linux wheels: mlx-cpu, mlx-cuda-12, mlx-cuda-13)."""
+    names = {(d.metadata["Name"] or "").lower().replace("_", "-") for d in importlib.metadata.distributions()}
+    return sorted(n for n in names if n == "mlx-cpu" or n.startswith("mlx-cuda"))
+
+
+def backend_conflict() -> str | None:
+    """Two Linux backends overwrite each other's mlx/lib/libmlx.so: which one loads is an accident."""
+    found = installed_backends()
+    if len(found) < 2:
+        return None
+    keep = "abot[cuda]" if any(n.startswith("mlx-cuda") for n in found) else "abot[cpu]"
+    return (f"{' and '.join(found)} are both installed and share mlx/lib/libmlx.so; keep one: "
+            f"pip uninstall -y {' '.join(found)} && pip install '{keep}'")
+
+
+def float32_matmul() -> str:
+    """How MLX runs float32 matmuls on a GPU: TF32 tensor cores unless MLX_ENABLE_TF32=0 (MLX's default: 1)."""
+    return "full float32" if os.environ.get("MLX_ENABLE_TF32", "1") == "0" else "TF32"
+
+
+def describe() -> str:
+    """"gpu: NVIDIA H100 80GB HBM3 (CUDA, float32 matmuls in TF32)" or "cpu: <model>, BLAS: ..."."""
+    import mlx.core as mx
+
+    from abot import cpu
+
+    name = mx.device_info().get("device_name", "")
+    if mx.default_device() == mx.gpu:
+        if mx.metal.is_available():
+            return f"gpu: {name or 'Apple GPU'} (Metal)"
+        return f"gpu: {name or 'NVIDIA GPU'} (CUDA, float32 matmuls in {float32_matmul()})"
+    return (f"cpu: {name or 'unknown'}, BLAS: {cpu.status}, JIT: {cpu.jit_status}, malloc: {cpu.malloc_status}, "
+            f"eval: {cpu.eval_order_status}")
