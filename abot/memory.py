@@ -18,9 +18,9 @@ Activation phase (forward + backward of one micro-batch), per-token sizes with T
                                                 v, the merged attention output, the mid-block residual and its
                                                 RMSNorm output (each needed by a matmul's or a norm's
                                                 backward)
-                    + 5 BLF                     SwiGLU with its hand-written gradient (abot/ops/elementwise.py):
+                    + 4 BLF                     SwiGLU with its hand-written gradient (abot/ops/elementwise.py):
                                                 gate, up and silu(gate)*up, which the backward pass needs,
-                                                and 2 BLF more (measured, CPU)
+                                                and 1 BLF more (measured, CPU)
                       (gelu: 4 BLF)             GELU: up, up/sqrt(2), 1+erf(.), the GELU output
                     + 2*T*D                     dropout > 0: the two bool keep-masks
     top             = 3 BLD                     embedding output, final-norm input and output
@@ -177,7 +177,7 @@ def estimate_memory(cfg: Config, shapes: Shapes | None = None) -> MemoryEstimate
     tokens = b * seq
     bld, blf, blv = tokens * d * c, tokens * f * c, tokens * v * 4
     attention = 4 * b * h * seq * seq * c + seq * seq * c  # the active block's rebuilt probabilities
-    mlp = 5 * blf if m.ffn_activation == "silu" else 4 * blf
+    mlp = 4 * blf
     drop = 2 * tokens * d if m.dropout > 0 else 0
     # Attention keeps no seq x seq matrix between forward and backward (fused on GPUs, FlashAttention-style
     # backward on the CPU): the block whose backward is running rebuilds its own, on top of its saved set

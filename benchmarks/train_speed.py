@@ -109,6 +109,7 @@ def main():
     parser.add_argument("--shapes", default="tiny,small")
     parser.add_argument("--optimizers", default="muon_adamw,adamw")
     parser.add_argument("--variants", action="store_true", help="also: uncompiled, gradient checkpointing")
+    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference even if torch is here")
     parser.add_argument("--accum", type=int, default=1,
                         help="micro-batches per optimizer step (Muon's Newton-Schulz runs once per step)")
     args = parser.parse_args()
@@ -129,7 +130,7 @@ def main():
             print(f"{shape:6} {opt:11} {str(compile):7} {str(ckpt):5} {r['params_m']:6.1f}M {r['tokens_per_s']:8.0f} "
                   f"{r['step_s'] * 1e3:8.1f} {r['flops_per_token'] / 1e9:9.3f} {r['gflops']:8.1f} "
                   f"{100 * r['gflops'] / mlx_peak:5.0f}% {r['peak_mem_gb']:6.2f}")
-        reference = torch_reference(shape, args.steps)
+        reference = None if args.no_torch else torch_reference(shape, args.steps)
         if reference:
             fpt = next(iter(results.values()))["flops_per_token"]
             print(f"{shape:6} {'torch adamw':11} {'eager':7} {'False':5} {'':7} {reference['tokens_per_s']:8.0f} "

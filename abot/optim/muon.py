@@ -39,10 +39,37 @@ def newton_schulz(g: mx.array, steps: int = 5) -> mx.array:
     if tall:
         x = x.T
     x = x / (mx.sqrt(mx.sum(x * x)) + NS_EPS)  # Frobenius norm >= spectral norm, so ||x||_2 <= 1
-    for _ in range(steps):
-        gram = x @ x.T
-        x = a * x + (b * gram + c * (gram @ gram)) @ x
+    m, n = x.shape
+    if n >= 2 * m:
+        x = _newton_schulz_gram(x, steps)
+    else:
+        for _ in range(steps):
+            gram = x @ x.T
+            x = a * x + (b * gram + c * (gram @ gram)) @ x
     return x.T if tall else x
+
+
+def _newton_schulz_gram(x: mx.array, steps: int) -> mx.array:
+    """The same iteration run on m x m matrices, for a wide x (m x n, n >= 2m).
+
+    Each step is x <- q(G) x with G = x x^T and q(G) = aI + bG + cG^2, so x_k = P_k x_0 with P_k a
+    polynomial in G_0: every P, q and G commute, and G_{k+1} = q G_k q = q (q G_k). Iterating P and G
+    (m x m) and applying P to x_0 once costs 4 m^2 n + 34 m^3 FLOPs for 5 steps, against
+    5 (4 m^2 n + 2 m^3): 45% fewer for a 512 x 2048 MLP weight. Break-even is n ~ 1.9 m, hence n >= 2m.
+    In float32 it is less exact than the direct iteration (small singular values get large factors in P):
+    within 5e-4 of the largest entry on a spectrum spanning 6 decades, against 1e-5 (tests/test_optimizers.py),
+    far inside the quintic's own tolerance (singular values left anywhere in ~[0.7, 1.2]).
+    """
+    a, b, c = NS_COEFFICIENTS
+    gram = x @ x.T
+    eye = mx.eye(gram.shape[0], dtype=gram.dtype)
+    p = None
+    for i in range(steps):
+        q = a * eye + b * gram + c * (gram @ gram)
+        p = q if p is None else q @ p
+        if i < steps - 1:
+            gram = q @ (q @ gram)
+    return p @ x
 
 
 def update_scale(shape: tuple[int, ...], scale: str) -> float:
