@@ -15,13 +15,13 @@ def installed_backends() -> list[str]:
     return sorted(n for n in names if n == "mlx-cpu" or n.startswith("mlx-cuda"))
 
 
-def backend_conflict() -> str | None:
-    """Two Linux backends overwrite each other's mlx/lib/libmlx.so: which one loads is an accident."""
+def backend_conflict() -> tuple[str, str] | None:
+    """(problem, fix) when two Linux backends are installed: they overwrite each other's mlx/lib/libmlx.so."""
     found = installed_backends()
     if len(found) < 2:
         return None
     keep = "abot[cuda]" if any(n.startswith("mlx-cuda") for n in found) else "abot[cpu]"
-    return (f"{' and '.join(found)} are both installed and share mlx/lib/libmlx.so; keep one: "
+    return (f"{' and '.join(found)} are both installed and share mlx/lib/libmlx.so",
             f"pip uninstall -y {' '.join(found)} && pip install '{keep}'")
 
 

@@ -308,9 +308,8 @@ def check_compute(cfg: Config | None = None) -> Check:
     from abot import cpu, device
 
     gflops = sgemm_gflops()
-    conflict = device.backend_conflict()
-    if conflict:
-        return Check("device", WARN, f"{device.describe()}; {conflict}", conflict.split("keep one: ")[1])
+    if conflict := device.backend_conflict():
+        return Check("device", WARN, f"{device.describe()}; {conflict[0]}", conflict[1])
     if mx.default_device() == mx.gpu:
         return Check("device", PASS, f"{device.describe()}; 512^3 sgemm {gflops:,.0f} GFLOP/s")
     reference = numpy_sgemm_gflops()

@@ -36,7 +36,7 @@ from abot import device
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from train_speed import bench  # noqa: E402
+from train_speed import bench, mlx_matmul_flops  # noqa: E402
 
 SIZES = {  # the guide's sizes at seq 1024: (d_model, n_layers, n_heads, seq_len, batch)
     "tiny": (256, 6, 8, 1024, 16),
@@ -63,17 +63,6 @@ def autodiff_ops():
         yield
     finally:
         mlp.silu_gate, losses._logprobs_lowmem = saved
-
-
-def matmul_tflops(dtype, n: int, repeats: int = 20) -> float:
-    a = mx.random.normal((n, n)).astype(dtype)
-    mx.eval(a)
-    for _ in range(3):
-        mx.eval(a @ a)
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        mx.eval(a @ a)
-    return 2 * n**3 * repeats / (time.perf_counter() - t0) / 1e12
 
 
 def float32_matmul_error(n: int = 1024) -> float:
@@ -125,7 +114,7 @@ def main() -> None:
     left = lambda: args.budget_s - (time.perf_counter() - start)  # noqa: E731
 
     print(f"{device.describe()}; mlx {mx.__version__}")
-    print(f"measured: bf16 8192^3 matmul {matmul_tflops(mx.bfloat16, n):.1f} TFLOP/s, fp32 {matmul_tflops(mx.float32, n):.1f}"
+    print(f"measured: bf16 8192^3 matmul {mlx_matmul_flops(n, mx.bfloat16) / 1e12:.1f} TFLOP/s, fp32 {mlx_matmul_flops(n) / 1e12:.1f}"
           f" TFLOP/s; fp32 matmul max rel. error vs float64 {float32_matmul_error():.1e}; MFU below is against "
           f"{args.peak_tflops:.0f} TFLOP/s")
     print("| size | params | run | tok/s | step ms | MFU | peak GB | loss | / torch.compile |")

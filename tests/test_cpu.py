@@ -80,8 +80,8 @@ def test_two_mlx_backends_installed_side_by_side_are_reported_with_the_fix(monke
 
     assert device.backend_conflict() is None  # a test environment holds one backend
     monkeypatch.setattr(device, "installed_backends", lambda: ["mlx-cpu", "mlx-cuda-13"])
-    message = device.backend_conflict()
-    assert "mlx-cpu and mlx-cuda-13" in message and "pip uninstall -y mlx-cpu mlx-cuda-13" in message
-    assert "abot[cuda]" in message
+    problem, fix = device.backend_conflict()
+    assert "mlx-cpu and mlx-cuda-13" in problem and "libmlx.so" in problem
+    assert fix == "pip uninstall -y mlx-cpu mlx-cuda-13 && pip install 'abot[cuda]'"
     check = verify.check_compute()
     assert check.status == "warn" and check.fix.startswith("pip uninstall -y mlx-cpu mlx-cuda-13")
