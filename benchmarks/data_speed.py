@@ -28,7 +28,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from abot.config import DataConfig, config_from_dict  # noqa: E402
 from abot.data import corpus  # noqa: E402
-from abot.data.pipeline import BatchStream, WindowStream  # noqa: E402
+from abot.data.pipeline import BatchStream  # noqa: E402
+from abot.data.windows import WindowStream  # noqa: E402
 from abot.data.shards import ShardSet, prepare  # noqa: E402
 from abot.data.sources import huggingface, stdlib_docs  # noqa: E402
 from abot.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402

@@ -9,7 +9,8 @@ import pytest
 
 from abot.config import config_from_dict
 from abot.data.loader import data_rank, eval_data, train_stream
-from abot.data.pipeline import BatchStream, WindowStream, rank_documents, rank_windows
+from abot.data.pipeline import BatchStream, rank_documents
+from abot.data.windows import WindowStream, rank_windows
 from abot.data.shards import ShardSet, prepare, read_meta, token_dtype, write_split
 from abot.errors import AbotError
 from abot.tokenizer import train_tokenizer

@@ -15,8 +15,8 @@ from __future__ import annotations
 import numpy as np
 
 from abot.config import Config
-from abot.data.pipeline import (BatchStream, WindowStream, eval_batches, is_window_source, rank_documents,
-                                window_eval_batches)
+from abot.data.pipeline import BatchStream, eval_batches, rank_documents
+from abot.data.windows import WindowStream, is_window_source, window_eval_batches
 
 
 def data_rank() -> tuple[int, int]:

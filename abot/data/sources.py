@@ -14,8 +14,8 @@ The contract every source (built-in or plugin, registry kind `datasets`) follows
   built, not later in the middle of training.
 
 A source may instead return token windows ready for training: an object with random access to a token
-stream (`abot.data.pipeline.WindowSource`, e.g. `shards` in abot.data.shards, pre-tokenized by `abot data
-prepare`). Those skip tokenization and resume in O(1) (`abot.data.pipeline.WindowStream`).
+stream (`abot.data.windows.WindowSource`, e.g. `shards` in abot.data.shards, pre-tokenized by `abot data
+prepare`). Those skip tokenization and resume in O(1) (`abot.data.windows.WindowStream`).
 """
 
 from __future__ import annotations
