@@ -6,11 +6,14 @@ micro-batches training evaluated on: `abot.build.build_documents(cfg, "eval")` t
 micro-batches of `train.micro_batch_size` x `data.seq_len`. A YAML file replaces the data section, and
 `data.*` / `train.*` overrides change single keys (`data.dataset=json data.data_files=held_out.jsonl`);
 model keys cannot change. The loss is the mean next-token cross-entropy over all predicted tokens (every
-batch is full, so the mean of batch means is the token mean); perplexity is exp(loss).
+batch is full, so the mean of batch means is the token mean); perplexity is exp(loss). A checkpoint trained
+on conversations (`abot sft`) is scored as `abot sft` evaluates: cross-entropy on assistant tokens only,
+the mean over micro-batches.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from pathlib import Path
@@ -21,12 +24,16 @@ import yaml
 import abot  # noqa: F401  (BLAS before mlx.core)
 
 import mlx.core as mx
+from mlx.utils import tree_map
 
+from abot import registry
 from abot.build import build_documents, build_loss, build_model
 from abot.checkpoint import load_checkpoint
 from abot.config import ConfigError, config_from_dict
 from abot.data.pipeline import eval_batches
 from abot.errors import AbotError
+from abot.finetune.batches import ENCODERS, example_eval_batches
+from abot.finetune.stage import make_eval_step as make_stage_eval_step, stage_loss
 from abot.generate import checkpoint_params, resolve_tokenizer
 from abot.step import make_eval_step
 
@@ -78,14 +85,30 @@ def evaluate_checkpoint(ckpt_path: str | Path, data: Sequence[str] = (), split: 
     if n_batches <= 0:
         raise AbotError(f"--steps must be positive, got {n_batches}")
     d, t = cfg.data, cfg.train
+    kind = getattr(registry.datasets.get(d.source, "data.source"), "produces", "text")
+    if kind == "preferences":
+        raise AbotError(f"{ckpt_path}: its data (data.source: {d.source}) is preference pairs, whose loss needs the "
+                        "frozen reference model; `abot dpo` prints that held-out loss and reward accuracy. For "
+                        "perplexity on text: abot eval CHECKPOINT --data data.source=stdlib_docs (or a text dataset)")
     t0 = time.perf_counter()
-    batches = eval_batches(build_documents(cfg, split), tokenizer, d.seq_len, t.micro_batch_size, n_batches,
-                           d.num_workers)
-    eval_fn = make_eval_step(model, build_loss(), compile=t.compile)
-    losses = [eval_fn(params, mx.array(b)).item() for b in batches]
+    if kind == "conversations":  # as `abot sft` evaluates: the loss on assistant tokens
+        encode = functools.partial(ENCODERS[kind], tokenizer=tokenizer, seq_len=d.seq_len, overlong=d.overlong)
+        batches = [tree_map(mx.array, b) for b in
+                   example_eval_batches(build_documents(cfg, split), encode, t.micro_batch_size, n_batches)]
+        eval_fn = make_stage_eval_step(model, stage_loss(cfg, "sft"), t.compile)
+        losses = [eval_fn(params, b)[0].item() for b in batches]
+        tokens = int(sum(b["mask"].sum().item() for b in batches))
+    else:
+        batches = eval_batches(build_documents(cfg, split), tokenizer, d.seq_len, t.micro_batch_size, n_batches,
+                               d.num_workers)
+        eval_fn = make_eval_step(model, build_loss(), compile=t.compile)
+        losses = [eval_fn(params, mx.array(b)).item() for b in batches]
+        tokens = sum(b.shape[0] * (b.shape[1] - 1) for b in batches)
+    if not batches:
+        raise AbotError(f"the {split} split gave no full micro-batch of {t.micro_batch_size}; lower "
+                        "train.micro_batch_size or use more data")
     seconds = time.perf_counter() - t0
     loss = sum(losses) / len(losses)
-    tokens = sum(b.shape[0] * (b.shape[1] - 1) for b in batches)
     source = d.dataset if d.source == "huggingface" else d.source
     return {"checkpoint": str(ckpt_path), "step": ckpt.step, "split": split, "source": source,
             "data_files": d.data_files, "batches": len(batches), "micro_batch_size": t.micro_batch_size,

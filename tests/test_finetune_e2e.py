@@ -52,6 +52,9 @@ def test_pretrain_then_sft_then_dpo(tmp_path):
     assert "3 dropped (empty_message 1, no_assistant_turn 2)" in out
     sft_ckpt = latest_checkpoint(tmp_path / "sft")
     assert load_checkpoint(sft_ckpt).meta["stage"] == "sft"
+    # abot eval scores the SFT checkpoint as the SFT run did: the loss on assistant tokens of the eval split.
+    scored = json.loads(abot("eval", str(sft_ckpt), "--json", cwd=tmp_path))
+    assert scored["loss"] == pytest.approx(summary["final_eval"]["loss"], rel=1e-4)
 
     # DPO from the SFT model (also the frozen reference) on the shipped synthetic preference set.
     out = abot("dpo", str(ROOT / "configs" / "dpo.yaml"), *common, f"train.init_from={tmp_path}/sft",
@@ -70,3 +73,8 @@ def test_pretrain_then_sft_then_dpo(tmp_path):
     summary = json.loads((tmp_path / "dpo" / "logs" / "final_training_summary.json").read_text())
     assert summary["data"]["dropped_total"] == 0 and summary["data"]["truncated"] == 0
     assert f"accuracy {evals[-1]['accuracy']:.4f}" in out
+    # A DPO checkpoint's loss needs the reference model: abot eval says so and how to score it on text.
+    failed = subprocess.run([sys.executable, "-m", "abot", "eval", str(latest_checkpoint(tmp_path / "dpo"))],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    message = " ".join((failed.stdout + failed.stderr).split())
+    assert failed.returncode != 0 and "reference model" in message and "data.source=stdlib_docs" in message
