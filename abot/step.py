@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_map, tree_reduce
+from mlx.utils import tree_flatten, tree_map, tree_reduce
 
 from abot.optim.base import Optimizer
 
@@ -45,7 +45,7 @@ def clip_by_global_norm(grads, norm: mx.array, max_norm: float):
 
 def make_train_step(model, loss_fn: Callable, optimizer: Optimizer, *, grad_accum_steps: int,
                     max_grad_norm: float, precision: str = "float32", compile: bool = True,
-                    group: mx.distributed.Group | None = None):
+                    group: mx.distributed.Group | None = None, shards: int = 1):
     """Build `step(state, batch, lr) -> (state, metrics)`.
 
     `batch` has a leading axis of `grad_accum_steps` micro-batches (an array or a dict of arrays);
@@ -53,10 +53,14 @@ def make_train_step(model, loss_fn: Callable, optimizer: Optimizer, *, grad_accu
     finite (1.0 when the update was applied), loss_scale, plus the loss function's own metrics.
     With a distributed `group` of several ranks, gradients and metrics are averaged across ranks
     before clipping, so every rank applies the same update to the same parameters.
+    With `shards` > 1 each micro-batch is split along its batch axis into that many equal parts, each
+    differentiated on its own MLX stream, and their gradients combined as one batch's (see
+    `abot.cpu.parallel_shards`: MLX runs a stream's elementwise kernels on one core).
     """
     compute_dtype = DTYPES[precision]
     dynamic_scaling = precision == "float16"
     world = group.size() if group is not None else 1
+    streams = [mx.new_stream(mx.default_device()) for _ in range(shards)] if shards > 1 else []
 
     def across_ranks(tree):
         return tree if world == 1 else tree_map(lambda x: mx.distributed.all_sum(x, group=group) / world, tree)
@@ -69,13 +73,40 @@ def make_train_step(model, loss_fn: Callable, optimizer: Optimizer, *, grad_accu
 
     grad_fn = mx.value_and_grad(scaled_loss)
 
+    def micro_grads(params, micro, key, scale):
+        """((loss, aux), grads) of one micro-batch, from its shards when there are several."""
+        if not streams:
+            (loss, aux), grads = grad_fn(params, micro, key, scale)
+            aux.pop("loss_weight", None)
+            return (loss, aux), grads
+        parts = []
+        for j, (stream, shard_key) in enumerate(zip(streams, mx.random.split(key, shards))):
+            with mx.stream(stream):
+                size = tree_flatten(micro)[0][1].shape[0] // shards
+                parts.append(grad_fn(params, tree_map(lambda b: b[j * size:(j + 1) * size], micro), shard_key, scale))
+        # Each shard's loss is a mean over its own examples or tokens. A loss whose shards can hold unequal
+        # counts (masked tokens) reports its count as aux["loss_weight"]; shards are then weighted by it, so
+        # the result is the whole micro-batch's mean, as without shards. Otherwise they weigh the same.
+        weights = [aux.pop("loss_weight", None) for (_, aux), _ in parts]
+        if any(w is None for w in weights):
+            factors = [1.0 / shards] * shards
+        else:
+            total = mx.maximum(sum(weights[1:], weights[0]), 1.0)  # counts: all zero means every loss is 0
+            factors = [w / total for w in weights]
+
+        def combine(*xs):
+            return sum((f * x for f, x in zip(factors[1:], xs[1:])), factors[0] * xs[0])
+
+        (losses, auxes), grads = zip(*[p[0] for p in parts]), [p[1] for p in parts]
+        return (combine(*losses), tree_map(combine, *auxes)), tree_map(combine, *grads)
+
     def step(state: dict, batch: Any, lr: mx.array):
         params, scale = state["params"], state["loss_scale"]
         key, *micro_keys = mx.random.split(state["key"], grad_accum_steps + 1)
         grads, loss, aux_sum = None, mx.array(0.0), {}
         for i in range(grad_accum_steps):  # unrolled: the compiled graph holds every micro-batch
             micro = tree_map(lambda b: b[i], batch)
-            (l, aux), g = grad_fn(params, micro, micro_keys[i], scale)
+            (l, aux), g = micro_grads(params, micro, micro_keys[i], scale)
             grads = g if grads is None else tree_map(mx.add, grads, g)
             loss = loss + l
             aux_sum = {k: aux_sum.get(k, 0.0) + v for k, v in aux.items()}

@@ -19,7 +19,7 @@ from mlx.utils import tree_flatten
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from abot import __version__, device
+from abot import __version__, cpu, device
 from abot.build import build_model, build_optimizer, build_schedule, ensure_tokenizer
 from abot.checkpoint import (latest_checkpoint, list_checkpoints, load_checkpoint, save_rotating,
                              verify_checkpoint)
@@ -228,9 +228,13 @@ def train(cfg: Config, resume: bool = False, console: Console | None = None, sta
         finetune = stage_data(stage, cfg, tokenizer, model, loss_fn, reference=init_params, data_state=data_state,
                               say=console.print)
         stream, eval_data = finetune.stream, finetune.eval_batches
+    # Ranks already share the cores; checkpointed steps keep their memory saving only on one stream.
+    shards = cpu.parallel_shards(t.micro_batch_size) if world == 1 and not t.gradient_checkpointing else 1
+    if shards > 1:
+        console.print(f"cpu: each micro-batch runs as {shards} parallel shards (one MLX stream per core)")
     step_fn = make_train_step(model, loss_fn, optimizer, grad_accum_steps=t.grad_accum_steps,
                               max_grad_norm=t.max_grad_norm, precision=t.precision, compile=t.compile,
-                              group=group)
+                              group=group, shards=shards)
     eval_fn = make_eval_step(model, loss_fn, compile=t.compile)
     prepare, run_eval = mx.array, lambda params: evaluate(eval_fn, params, eval_data) if eval_data else {}
     if finetune:

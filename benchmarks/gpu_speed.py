@@ -58,12 +58,12 @@ def autodiff_ops():
         x = logits.astype(mx.float32)
         return mx.take_along_axis(x, targets[..., None], -1)[..., 0] - mx.logsumexp(x, -1)
 
-    saved = mlp.silu_gate, losses._logprobs_lowmem
-    mlp.silu_gate, losses._logprobs_lowmem = (lambda a, b: nn.silu(a) * b), logprobs
+    saved = mlp.silu_gate, losses.token_logprobs
+    mlp.silu_gate, losses.token_logprobs = (lambda a, b: nn.silu(a) * b), logprobs
     try:
         yield
     finally:
-        mlp.silu_gate, losses._logprobs_lowmem = saved
+        mlp.silu_gate, losses.token_logprobs = saved
 
 
 def float32_matmul_error(n: int = 1024) -> float:

@@ -67,18 +67,21 @@ def flops_per_token(cfg: ModelConfig, n_params: int, seq_len: int) -> float:
 
 
 def bench(shape, optimizer: str, compile: bool, checkpointing: bool, steps: int, warmup: int = 3,
-          group=None, accum: int = 1, vocab: int = VOCAB, precision: str = "float32") -> dict:
+          group=None, accum: int = 1, vocab: int = VOCAB, precision: str = "float32", max_shards=None) -> dict:
     """One configuration's figures; with a distributed `group`, each rank runs the shape's batch (tokens/s: world).
 
-    `shape`: a name in SHAPES or a (d_model, n_layers, n_heads, seq_len, batch) tuple.
+    `shape`: a name in SHAPES or a (d_model, n_layers, n_heads, seq_len, batch) tuple. The micro-batch runs
+    as abot.train would run it: in `cpu.parallel_shards` shards (at most `max_shards`; one per rank
+    and with checkpointing).
     """
     d, layers, heads, seq, batch = SHAPES[shape] if isinstance(shape, str) else shape
+    shards = cpu.parallel_shards(batch, max_shards=1 if group or checkpointing else max_shards)
     cfg = ModelConfig(vocab_size=vocab, n_layers=layers, d_model=d, n_heads=heads, dropout=0.0, max_seq_len=seq)
     model = transformer(cfg, gradient_checkpointing=checkpointing)
     opt = optimizers.get(optimizer)(weight_decay=0.02)
     state = init_state(model.init(mx.random.key(0)), opt, mx.random.key(1), precision)
     step = make_train_step(model, next_token, opt, grad_accum_steps=accum, max_grad_norm=1.0, compile=compile,
-                           group=group, precision=precision)
+                           group=group, precision=precision, shards=shards)
     tokens = mx.random.randint(0, vocab, (accum, batch, seq + 1), key=mx.random.key(2))
     lr = mx.array(1e-3)
     mx.eval(state, tokens)
@@ -95,7 +98,8 @@ def bench(shape, optimizer: str, compile: bool, checkpointing: bool, steps: int,
     fpt = flops_per_token(cfg, n_params, seq)
     tok_s = accum * batch * seq * (group.size() if group else 1) / step_s
     return {"tokens_per_s": tok_s, "step_s": step_s, "flops_per_token": fpt, "gflops": tok_s * fpt / 1e9,
-            "peak_mem_gb": mx.get_peak_memory() / 1e9, "params_m": n_params / 1e6, "loss": metrics["loss"].item()}
+            "peak_mem_gb": mx.get_peak_memory() / 1e9, "params_m": n_params / 1e6, "loss": metrics["loss"].item(),
+            "shards": shards}
 
 
 def torch_reference(shape: str, steps: int) -> dict | None:
@@ -121,28 +125,30 @@ def main():
     mlx_peak, numpy_peak = matmul_peak_gflops()
     print(f"BLAS: {cpu.status}; JIT: {cpu.jit_status}; fp32 1024^3 matmul: MLX {mlx_peak:.0f} GFLOP/s, numpy {numpy_peak:.0f} GFLOP/s")
     print("FLOPs/token = 6 * N_matmul + 12 * n_layers * seq_len * d_model")
-    header = f"{'shape':6} {'optimizer':11} {'compile':7} {'ckpt':5} {'params':>7} {'tok/s':>8} {'step ms':>8} " \
-             f"{'GFLOP/tok':>9} {'GFLOP/s':>8} {'% peak':>6} {'mem GB':>6}"
+    header = f"{'shape':6} {'optimizer':11} {'compile':7} {'ckpt':5} {'shards':>6} {'params':>7} {'tok/s':>8} " \
+             f"{'step ms':>8} {'GFLOP/tok':>9} {'GFLOP/s':>8} {'% peak':>6} {'mem GB':>6}"
     print(header)
     print("-" * len(header))
     for shape in args.shapes.split(","):
-        runs = [(opt, True, False) for opt in args.optimizers.split(",")]
+        runs = [(opt, True, False, None) for opt in args.optimizers.split(",")]
         if args.variants:
-            runs += [(runs[0][0], False, False), (runs[0][0], True, True)]
+            first = runs[0][0]
+            runs += [(first, True, False, 1), (first, False, False, None), (first, True, True, None)]
         results = {}
-        for opt, compile, ckpt in runs:
-            r = results[opt, compile, ckpt] = bench(shape, opt, compile, ckpt, args.steps, accum=args.accum)
-            print(f"{shape:6} {opt:11} {str(compile):7} {str(ckpt):5} {r['params_m']:6.1f}M {r['tokens_per_s']:8.0f} "
-                  f"{r['step_s'] * 1e3:8.1f} {r['flops_per_token'] / 1e9:9.3f} {r['gflops']:8.1f} "
-                  f"{100 * r['gflops'] / mlx_peak:5.0f}% {r['peak_mem_gb']:6.2f}")
+        for opt, compile, ckpt, max_shards in runs:
+            r = results[opt, compile, ckpt, max_shards] = bench(shape, opt, compile, ckpt, args.steps, accum=args.accum,
+                                                                max_shards=max_shards)
+            print(f"{shape:6} {opt:11} {str(compile):7} {str(ckpt):5} {r['shards']:6} {r['params_m']:6.1f}M "
+                  f"{r['tokens_per_s']:8.0f} {r['step_s'] * 1e3:8.1f} {r['flops_per_token'] / 1e9:9.3f} "
+                  f"{r['gflops']:8.1f} {100 * r['gflops'] / mlx_peak:5.0f}% {r['peak_mem_gb']:6.2f}")
         reference = None if args.no_torch else torch_reference(shape, args.steps)
         if reference:
             fpt = next(iter(results.values()))["flops_per_token"]
-            print(f"{shape:6} {'torch adamw':11} {'eager':7} {'False':5} {'':7} {reference['tokens_per_s']:8.0f} "
+            print(f"{shape:6} {'torch adamw':11} {'eager':7} {'False':5} {'':6} {'':7} {reference['tokens_per_s']:8.0f} "
                   f"{reference['step_s'] * 1e3:8.1f} {fpt / 1e9:9.3f} {reference['tokens_per_s'] * fpt / 1e9:8.1f} "
                   f"{100 * reference['tokens_per_s'] * fpt / 1e9 / mlx_peak:5.0f}%  ({reference['threads']} threads)")
-            for (opt, compile, ckpt), r in results.items():
-                print(f"{'':6} abot {opt} (compile={compile}, ckpt={ckpt}) / torch eager adamw: "
+            for (opt, compile, ckpt, _), r in results.items():
+                print(f"{'':6} abot {opt} (compile={compile}, ckpt={ckpt}, shards={r['shards']}) / torch eager adamw: "
                       f"{r['tokens_per_s'] / reference['tokens_per_s']:.2f}x")
 
 

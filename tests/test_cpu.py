@@ -85,3 +85,24 @@ def test_two_mlx_backends_installed_side_by_side_are_reported_with_the_fix(monke
     assert fix == "pip uninstall -y mlx-cpu mlx-cuda-13 && pip install 'abot[cuda]'"
     check = verify.check_compute()
     assert check.status == "warn" and check.fix.startswith("pip uninstall -y mlx-cpu mlx-cuda-13")
+
+
+@pytest.mark.skipif(cpu.status != "numpy-openblas", reason="parallel shards need numpy's OpenBLAS in MLX")
+def test_parallel_shards_divide_the_micro_batch_and_share_out_the_cores(monkeypatch):
+    threads = ctypes.CDLL(cpu._numpy_openblas()).scipy_openblas_get_num_threads64_
+    monkeypatch.setattr(cpu, "usable_cores", lambda: 4)
+    monkeypatch.delenv("ABOT_CPU_SHARDS", raising=False)
+    try:
+        assert cpu.parallel_shards(6) == 3 and threads() == 1  # largest divisor of 6 up to 4 cores; 4 // 3
+        assert cpu.parallel_shards(8, max_shards=2) == 2 and threads() == 2
+        if cpu._user_eval_width is None:
+            assert os.environ["MLX_BFS_MAX_WIDTH"] == "100000"  # the shards' graphs interleave
+        assert cpu.parallel_shards(7) == 1 and threads() == 4  # a prime batch: one stream, every core to BLAS
+        if cpu._user_eval_width is None:
+            assert os.environ["MLX_BFS_MAX_WIDTH"] == "1"
+        monkeypatch.setenv("ABOT_CPU_SHARDS", "1")
+        assert cpu.parallel_shards(8) == 1
+    finally:
+        monkeypatch.undo()
+        cpu.set_blas_threads(cpu.usable_cores())
+        cpu._set_eval_width(1)

@@ -8,7 +8,7 @@ import pytest
 
 from abot.ops.attention import causal_attention
 from abot.ops.elementwise import silu_gate
-from abot.ops.losses import _logprobs_lowmem
+from abot.ops.losses import token_logprobs
 
 
 def reference_attention(q, k, v):
@@ -18,7 +18,8 @@ def reference_attention(q, k, v):
     return mx.softmax(s, axis=-1, precise=True) @ v
 
 
-@pytest.mark.parametrize("n_q,n_k", [(16, 16), (5, 12), (1, 7)])
+# (256, 256) and (300, 310): two causal query blocks, the second with a KV-cache offset (prompt prefill)
+@pytest.mark.parametrize("n_q,n_k", [(16, 16), (5, 12), (1, 7), (256, 256), (300, 310)])
 @pytest.mark.parametrize("compiled", [False, True])
 def test_attention_values_and_gradients_match_autodiff_of_the_reference(n_q, n_k, compiled):
     keys = mx.random.split(mx.random.key(0), 4)
@@ -58,8 +59,8 @@ def test_silu_gate_matches_autodiff_and_stays_finite_at_extremes():
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
-def test_low_memory_logprobs_match_autodiff_of_the_float32_reference(dtype):
-    """The GPU path's hand-written gradient (run here on the CPU) against autodiff in float32."""
+def test_token_logprobs_gradient_matches_autodiff_of_the_float32_reference(dtype):
+    """The hand-written gradient against autodiff of the float32 log-softmax."""
     keys = mx.random.split(mx.random.key(3), 3)
     logits = (4.0 * mx.random.normal((2, 5, 50), key=keys[0])).astype(dtype)
     targets = mx.random.randint(0, 50, (2, 5), key=keys[1])
@@ -69,7 +70,7 @@ def test_low_memory_logprobs_match_autodiff_of_the_float32_reference(dtype):
         x = x.astype(mx.float32)
         return ((mx.take_along_axis(x, targets[..., None], -1)[..., 0] - mx.logsumexp(x, -1)) * w).sum()
 
-    value, grad = mx.value_and_grad(lambda x: (_logprobs_lowmem(x, targets) * w).sum())(logits)
+    value, grad = mx.value_and_grad(lambda x: (token_logprobs(x, targets) * w).sum())(logits)
     ref_value, ref_grad = mx.value_and_grad(reference)(logits)
     assert grad.dtype == dtype
     np.testing.assert_allclose(value.item(), ref_value.item(), rtol=1e-6)

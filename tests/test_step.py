@@ -5,6 +5,7 @@ import pytest
 from mlx.utils import tree_flatten, tree_map
 
 from abot.config import ModelConfig
+from abot.finetune.losses import sft
 from abot.losses import next_token
 from abot.models.transformer import transformer
 from abot.optim.base import Optimizer
@@ -28,9 +29,9 @@ def applied_update(before, after):
     return tree_map(lambda b, a: b - a, before["params"], after["params"])
 
 
-def run(batch, accum, clip=0.0, compile=False, loss=next_token, precision="float32", state=None):
+def run(batch, accum, clip=0.0, compile=False, loss=next_token, precision="float32", state=None, shards=1):
     step = make_train_step(MODEL, loss, descent, grad_accum_steps=accum, max_grad_norm=clip,
-                           precision=precision, compile=compile)
+                           precision=precision, compile=compile, shards=shards)
     state = state or fresh_state(precision)
     new, metrics = step(state, batch, mx.array(1.0))
     mx.eval(new, metrics)
@@ -49,6 +50,27 @@ def test_accumulating_k_micro_batches_equals_one_batch_of_k():
     _, four, m4 = run(data.reshape(4, 1, 17), accum=4)
     assert_trees_close(applied_update(s0, one), applied_update(s0, four), atol=1e-6)
     assert abs(m1["loss"].item() - m4["loss"].item()) < 1e-5
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_parallel_shards_equal_one_batch(compile):
+    """A micro-batch split over two MLX streams gives the unsplit batch's loss and update."""
+    batch = tokens((2, 4, 17))
+    s0, whole, m1 = run(batch, accum=2, clip=1.0, compile=compile)
+    _, sharded, m2 = run(batch, accum=2, clip=1.0, compile=compile, shards=2)
+    assert_trees_close(applied_update(s0, whole), applied_update(s0, sharded), atol=1e-6)
+    assert m2["loss"].item() == pytest.approx(m1["loss"].item(), abs=1e-6)
+
+
+def test_parallel_shards_weigh_masked_losses_by_their_token_counts():
+    """SFT's loss is a mean over assistant tokens: shards holding 3 and 16 of them weigh 3:16, not 1:1."""
+    counts = mx.array([3, 3, 16, 16])[:, None]
+    batch = {"tokens": tokens((1, 4, 17)), "mask": (mx.arange(16)[None] < counts).astype(mx.int32)[None]}
+    s0, whole, m1 = run(batch, accum=1, loss=sft)
+    _, sharded, m2 = run(batch, accum=1, loss=sft, shards=2)
+    assert_trees_close(applied_update(s0, whole), applied_update(s0, sharded), atol=1e-6)
+    assert m2["loss"].item() == pytest.approx(m1["loss"].item(), abs=1e-6)
+    assert "loss_weight" not in m2  # how shards are weighed, not a metric
 
 
 def test_clipping_yields_the_configured_global_norm():

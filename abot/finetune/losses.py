@@ -22,7 +22,7 @@ def sft(model, params, batch: dict, key: mx.array | None):
     """Cross-entropy on assistant tokens only (the template's mask), per-sequence padding masked out."""
     tokens, mask = batch["tokens"], batch["mask"]
     logits = model.apply(params, tokens[:, :-1], key=key)
-    return cross_entropy(logits, tokens[:, 1:], mask), {}
+    return cross_entropy(logits, tokens[:, 1:], mask), {"loss_weight": mask.astype(mx.float32).sum()}
 
 
 sft.batch_kind = "conversations"

@@ -140,7 +140,9 @@ def make_eval_step(model, loss_fn: Callable, compile: bool = True):
     """`eval_step(params, micro) -> (loss, metrics)`, no dropout and no gradients."""
 
     def eval_step(params, micro):
-        return loss_fn(model, params, micro, None)
+        loss, metrics = loss_fn(model, params, micro, None)
+        metrics.pop("loss_weight", None)  # how train steps weigh batch shards, not a metric
+        return loss, metrics
 
     return mx.compile(eval_step) if compile else eval_step
 

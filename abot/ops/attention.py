@@ -4,7 +4,7 @@ import math
 
 import mlx.core as mx
 
-from abot.ops.elementwise import fused_kernels, softmax
+from abot.ops.elementwise import fused_kernels, row_sum, softmax
 
 
 def causal_attention(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
@@ -26,9 +26,25 @@ def causal_attention(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
         q, k, v = (x.astype(mx.float32) for x in (q, k, v))
     if n_q == 1:  # one new token (KV-cached decoding) sees every key
         return (softmax((q * scale) @ k.swapaxes(-1, -2)) @ v).astype(dtype)
+    q = q * scale
     mask = mx.triu(mx.full((n_q, n_k), -mx.inf, dtype=mx.float32), k=n_k - n_q + 1)
-    out = _masked_attention(q * scale, k, v, mask)[0]
+    # Causal block skipping: query block i sees only keys up to its own last position, so the scores above
+    # the diagonal blocks (and their exp, softmax and gradient passes) are never built: with n blocks,
+    # (n + 1) / 2n of the full square. Measured on the CPU (one run, alternating): tiny's step (seq 256,
+    # 2 blocks) 1045-1144 -> 1014-1037 ms; small's (seq 512, 4 blocks) 4104 -> 3713 ms.
+    n_blocks = _query_blocks(n_q)
+    size, past = n_q // n_blocks, n_k - n_q
+    outs = []
+    for i in range(n_blocks):
+        rows, end = slice(i * size, (i + 1) * size), past + (i + 1) * size
+        outs.append(_masked_attention(q[:, :, rows], k[:, :, :end], v[:, :, :end], mask[rows, :end])[0])
+    out = outs[0] if n_blocks == 1 else mx.concatenate(outs, axis=2)
     return out if dtype == mx.float32 else out.astype(dtype)
+
+
+def _query_blocks(n_q: int, min_rows: int = 128) -> int:
+    """The most equal query blocks of at least `min_rows` rows each: fewer, larger matmuls below that."""
+    return max(n for n in range(1, n_q // min_rows + 1) if n_q % n == 0) if n_q >= 2 * min_rows else 1
 
 
 @mx.custom_function
@@ -37,7 +53,7 @@ def _masked_attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array) -> 
     s = q @ k.swapaxes(-1, -2) + mask
     m = s.max(-1, keepdims=True)
     e = mx.exp(s - m)
-    total = e.sum(-1, keepdims=True)
+    total = row_sum(e)
     return (e @ v) * (1.0 / total), m + mx.log(total)  # normalise the (seq, head_dim) output, not the scores
 
 
@@ -52,6 +68,10 @@ def _masked_attention_vjp(primals, cotangents, outputs):
     # Rebuilt transposed, (keys x queries), as k q^T: an expression the forward pass never computed. Under
     # mx.compile, an identical q k^T + mask would be merged with the forward's scores (common subexpression
     # elimination) and that seq x seq matrix kept alive until backward, one per layer.
-    p_t = mx.exp(k @ q.swapaxes(-1, -2) + mask.T - lse.swapaxes(-1, -2))
+    # The mask is rebuilt transposed too: mask.T would be a strided view, which the fused kernel reads one
+    # element at a time instead of in vectors.
+    n_q, n_k = mask.shape
+    mask_t = mx.tril(mx.full((n_k, n_q), -mx.inf, dtype=mask.dtype), k=n_q - n_k - 1)
+    p_t = mx.exp(k @ q.swapaxes(-1, -2) + mask_t - lse.swapaxes(-1, -2))
     d_s_t = p_t * (v @ d_out.swapaxes(-1, -2) - (d_out * out).sum(-1, keepdims=True).swapaxes(-1, -2))
     return d_s_t.swapaxes(-1, -2) @ k, d_s_t @ q, p_t @ d_out, mx.zeros_like(mask)

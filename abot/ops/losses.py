@@ -2,35 +2,28 @@
 
 import mlx.core as mx
 
-from abot.ops.elementwise import fused_kernels, logsumexp
-
-
-def token_logprobs(logits: mx.array, targets: mx.array) -> mx.array:
-    """log p(target) at every position: logits (..., V), targets (...) -> (...), float32.
-
-    On GPUs, through a hand-written gradient that keeps only the logits in their own (compute) dtype;
-    autodiff would keep a float32 copy of them and build its gradient in float32 (see `_logprobs_lowmem`).
-    """
-    if fused_kernels() and logits.dtype != mx.float32:
-        return _logprobs_lowmem(logits, targets)
-    logits = logits.astype(mx.float32)
-    picked = mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return picked - logsumexp(logits, axis=-1)
+from abot.ops.elementwise import logsumexp
 
 
 @mx.custom_function
-def _logprobs_lowmem(logits: mx.array, targets: mx.array) -> mx.array:
-    """token_logprobs for bfloat16/float16 logits: log-sum-exp in float32, nothing float32 kept for backward."""
+def token_logprobs(logits: mx.array, targets: mx.array) -> mx.array:
+    """log p(target) at every position: logits (..., V), targets (...) -> (...), float32.
+
+    The log-sum-exp is taken in float32 whatever the logits' dtype; the hand-written gradient below keeps
+    nothing but the logits themselves for backward.
+    """
     picked = mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0].astype(mx.float32)
-    return picked - mx.logsumexp(logits.astype(mx.float32), axis=-1)
+    return picked - logsumexp(logits.astype(mx.float32), axis=-1)
 
 
-@_logprobs_lowmem.vjp
-def _logprobs_lowmem_vjp(primals, cotangent, output):
+@token_logprobs.vjp
+def _token_logprobs_vjp(primals, cotangent, output):
     # d logp(t) / d logits = onehot(t) - softmax(logits). The log-sum-exp comes back from the output
     # (lse = logit[t] - logp), so the backward pass reads the saved low-precision logits once and writes
     # the gradient in their dtype: at medium's shape (16k tokens x 32k vocab) that is 1 GiB of bfloat16
-    # where autodiff keeps a 2 GiB float32 copy and builds 2 GiB float32 gradients.
+    # where autodiff keeps a 2 GiB float32 copy and builds 2 GiB float32 gradients. The whole gradient is
+    # one fused kernel (the one-hot is a comparison inside it); autodiff would also fill a zero array of
+    # the logits' size and scatter the picked entries into it.
     logits, targets = primals
     n_vocab = logits.shape[-1]
     # Flattened first: a cast the forward never computed, so mx.compile cannot merge it with the forward's
