@@ -276,14 +276,20 @@ def parallel_shards(micro_batch_size: int, max_shards: int | None = None) -> int
     checkpointing (small: 0.86 -> 1.66 GB), and depth-first order runs the shards one after the other.
 
     The count is the largest divisor of the micro-batch up to the core count (or `max_shards`);
-    ABOT_CPU_SHARDS=n sets the limit, =1 turns shards off. BLAS threads and MLX_BFS_MAX_WIDTH are
-    process-wide: call before the step runs; a 1 restores both.
+    ABOT_CPU_SHARDS=n sets the limit, =1 turns shards off. BLAS threads and the evaluation order are
+    process-wide, and MLX reads MLX_BFS_MAX_WIDTH once, at its first evaluation: call this first. Once MLX
+    has allocated memory it is too late to change the order, and this returns 1 (shards left in depth-first
+    order would run one after the other, each on a share of the cores).
     """
+    import mlx.core as mx
+
     forced = os.environ.get("ABOT_CPU_SHARDS", "auto")
     if forced == "1" or status != "numpy-openblas" or not _linux_cpu_build() or usable_cores() == 1:
         return 1
     limit = min(int(forced) if forced.isdigit() else usable_cores(), max_shards or micro_batch_size)
     shards = max(n for n in range(1, min(limit, micro_batch_size) + 1) if micro_batch_size % n == 0)
+    if mx.get_peak_memory() > 0 and _user_eval_width is None:
+        shards = 1
     set_blas_threads(max(1, usable_cores() // shards))
     _set_eval_width(100_000 if shards > 1 else 1)
     return shards
@@ -299,7 +305,7 @@ _user_eval_width = os.environ.get("MLX_BFS_MAX_WIDTH")
 
 
 def _set_eval_width(width: int) -> None:
-    """MLX reads MLX_BFS_MAX_WIDTH at every evaluation; a width the user set is left alone."""
+    """Set MLX_BFS_MAX_WIDTH (read once, at MLX's first evaluation) unless the user set it."""
     global eval_order_status
     if _user_eval_width is None:
         os.environ["MLX_BFS_MAX_WIDTH"] = str(width)

@@ -14,7 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map, tree_reduce
 
-from abot.optim.base import Optimizer
+from abot.optim.base import Optimizer, leaf_streams
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 # float16 dynamic loss scaling (as in mixed-precision training, Micikevicius et al. 2018):
@@ -120,7 +120,8 @@ def make_train_step(model, loss_fn: Callable, optimizer: Optimizer, *, grad_accu
         norm = global_norm(grads)
         finite = mx.isfinite(norm) & mx.isfinite(loss)
         grads = clip_by_global_norm(grads, norm, max_grad_norm)
-        new_params, new_opt = optimizer.update(grads, state["opt_state"], params, lr)
+        with leaf_streams(streams):  # with shards, the update's leaves are spread over their streams too
+            new_params, new_opt = optimizer.update(grads, state["opt_state"], params, lr)
         # A non-finite loss or gradient skips the update: params and optimizer state stay as they were.
         keep = lambda new, old: mx.where(finite, new, old)  # noqa: E731
         good = mx.where(finite, state["good_steps"] + 1, 0)

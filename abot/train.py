@@ -183,6 +183,9 @@ def train(cfg: Config, resume: bool = False, console: Console | None = None, sta
     if rank != 0:  # rank 0 alone prints, logs and writes checkpoints
         console = Console(quiet=True)
     t, d = cfg.train, cfg.data
+    # Before MLX's first evaluation (it fixes the evaluation order then). Ranks already share the cores;
+    # checkpointed steps keep their memory saving only on one stream.
+    shards = cpu.parallel_shards(t.micro_batch_size) if world == 1 and not t.gradient_checkpointing else 1
     # Registry lookups first: a typo'd name fails before any slow work.
     check_stage(stage, cfg)
     model, optimizer, schedule = build_model(cfg), build_optimizer(cfg), build_schedule(cfg)
@@ -228,8 +231,6 @@ def train(cfg: Config, resume: bool = False, console: Console | None = None, sta
         finetune = stage_data(stage, cfg, tokenizer, model, loss_fn, reference=init_params, data_state=data_state,
                               say=console.print)
         stream, eval_data = finetune.stream, finetune.eval_batches
-    # Ranks already share the cores; checkpointed steps keep their memory saving only on one stream.
-    shards = cpu.parallel_shards(t.micro_batch_size) if world == 1 and not t.gradient_checkpointing else 1
     if shards > 1:
         console.print(f"cpu: each micro-batch runs as {shards} parallel shards (one MLX stream per core)")
     step_fn = make_train_step(model, loss_fn, optimizer, grad_accum_steps=t.grad_accum_steps,

@@ -13,7 +13,9 @@ scores and values (causal attention still computes the full square in the fused 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -102,6 +104,14 @@ def bench(shape, optimizer: str, compile: bool, checkpointing: bool, steps: int,
             "shards": shards}
 
 
+def bench_in_child(**kwargs) -> dict:
+    """`bench` in a fresh process: MLX fixes its evaluation order (abot.cpu.parallel_shards) at its first
+    evaluation, and each configuration must get the order abot.train would give it."""
+    out = subprocess.run([sys.executable, __file__, "--one", json.dumps(kwargs)], capture_output=True, text=True,
+                         check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def torch_reference(shape: str, steps: int) -> dict | None:
     """The same model and AdamW step in PyTorch CPU eager, when torch is installed."""
     try:
@@ -121,7 +131,11 @@ def main():
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference even if torch is here")
     parser.add_argument("--accum", type=int, default=1,
                         help="micro-batches per optimizer step (Muon's Newton-Schulz runs once per step)")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one bench(**json) in this process
     args = parser.parse_args()
+    if args.one:
+        print(json.dumps(bench(**json.loads(args.one))))
+        return
     mlx_peak, numpy_peak = matmul_peak_gflops()
     print(f"BLAS: {cpu.status}; JIT: {cpu.jit_status}; fp32 1024^3 matmul: MLX {mlx_peak:.0f} GFLOP/s, numpy {numpy_peak:.0f} GFLOP/s")
     print("FLOPs/token = 6 * N_matmul + 12 * n_layers * seq_len * d_model")
@@ -136,8 +150,9 @@ def main():
             runs += [(first, True, False, 1), (first, False, False, None), (first, True, True, None)]
         results = {}
         for opt, compile, ckpt, max_shards in runs:
-            r = results[opt, compile, ckpt, max_shards] = bench(shape, opt, compile, ckpt, args.steps, accum=args.accum,
-                                                                max_shards=max_shards)
+            r = results[opt, compile, ckpt, max_shards] = bench_in_child(
+                shape=shape, optimizer=opt, compile=compile, checkpointing=ckpt, steps=args.steps, accum=args.accum,
+                max_shards=max_shards)
             print(f"{shape:6} {opt:11} {str(compile):7} {str(ckpt):5} {r['shards']:6} {r['params_m']:6.1f}M "
                   f"{r['tokens_per_s']:8.0f} {r['step_s'] * 1e3:8.1f} {r['flops_per_token'] / 1e9:9.3f} "
                   f"{r['gflops']:8.1f} {100 * r['gflops'] / mlx_peak:5.0f}% {r['peak_mem_gb']:6.2f}")

@@ -1,8 +1,11 @@
 """The Linux CPU set-up in abot/cpu.py: JIT compiler flags, their kernel cache, malloc reuse."""
 
 import ctypes
+import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -87,22 +90,32 @@ def test_two_mlx_backends_installed_side_by_side_are_reported_with_the_fix(monke
     assert check.status == "warn" and check.fix.startswith("pip uninstall -y mlx-cpu mlx-cuda-13")
 
 
+SHARDS = r"""
+import ctypes, json, os
+from abot import cpu
+threads = ctypes.CDLL(cpu._numpy_openblas()).scipy_openblas_get_num_threads64_
+cpu.usable_cores = lambda: 4
+out = [(cpu.parallel_shards(6), threads(), os.environ["MLX_BFS_MAX_WIDTH"]),
+       (cpu.parallel_shards(8, max_shards=2), threads(), os.environ["MLX_BFS_MAX_WIDTH"]),
+       (cpu.parallel_shards(7), threads(), os.environ["MLX_BFS_MAX_WIDTH"])]
+import mlx.core as mx
+mx.eval(mx.ones(4) + 1)  # MLX has fixed its evaluation order now: too late for shards
+out.append((cpu.parallel_shards(8), threads(), os.environ["MLX_BFS_MAX_WIDTH"]))
+print(json.dumps(out))
+"""
+
+
 @pytest.mark.skipif(cpu.status != "numpy-openblas", reason="parallel shards need numpy's OpenBLAS in MLX")
-def test_parallel_shards_divide_the_micro_batch_and_share_out_the_cores(monkeypatch):
-    threads = ctypes.CDLL(cpu._numpy_openblas()).scipy_openblas_get_num_threads64_
-    monkeypatch.setattr(cpu, "usable_cores", lambda: 4)
-    monkeypatch.delenv("ABOT_CPU_SHARDS", raising=False)
-    try:
-        assert cpu.parallel_shards(6) == 3 and threads() == 1  # largest divisor of 6 up to 4 cores; 4 // 3
-        assert cpu.parallel_shards(8, max_shards=2) == 2 and threads() == 2
-        if cpu._user_eval_width is None:
-            assert os.environ["MLX_BFS_MAX_WIDTH"] == "100000"  # the shards' graphs interleave
-        assert cpu.parallel_shards(7) == 1 and threads() == 4  # a prime batch: one stream, every core to BLAS
-        if cpu._user_eval_width is None:
-            assert os.environ["MLX_BFS_MAX_WIDTH"] == "1"
-        monkeypatch.setenv("ABOT_CPU_SHARDS", "1")
-        assert cpu.parallel_shards(8) == 1
-    finally:
-        monkeypatch.undo()
-        cpu.set_blas_threads(cpu.usable_cores())
-        cpu._set_eval_width(1)
+def test_parallel_shards_divide_the_micro_batch_and_share_out_the_cores():
+    env = {k: v for k, v in os.environ.items() if k not in ("ABOT_CPU_SHARDS", "MLX_BFS_MAX_WIDTH")}
+    out = subprocess.run([sys.executable, "-c", SHARDS], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (six, eight, seven, late) = json.loads(out.stdout.strip().splitlines()[-1])
+    assert six == [3, 1, "100000"]  # largest divisor of 6 up to 4 cores; 4 // 3 BLAS threads; shards interleave
+    assert eight == [2, 2, "100000"]
+    assert seven == [1, 4, "1"]  # a prime batch: one stream, every core to BLAS, depth-first order
+    assert late == [1, 4, "1"]  # after MLX's first evaluation the order is fixed: no shards
+
+    out = subprocess.run([sys.executable, "-c", SHARDS], capture_output=True, text=True, timeout=120,
+                         env={**env, "ABOT_CPU_SHARDS": "1"})
+    assert json.loads(out.stdout.strip().splitlines()[-1])[0][0] == 1

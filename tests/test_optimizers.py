@@ -297,3 +297,31 @@ def test_registry_finds_optimizers_and_suggests_names():
         assert optimizers.entry(name).summary
     with pytest.raises(AbotError, match="did you mean 'adamw'"):
         optimizers.get("adamww")
+
+
+def test_spread_places_leaves_on_the_least_loaded_stream_without_changing_the_update():
+    from abot.optim.base import leaf_streams, spread
+
+    streams = [mx.new_stream(mx.cpu), mx.new_stream(mx.cpu)]
+    leaves = {"a": mx.ones((100,)), "b": mx.ones((60,)), "c": mx.ones((30,)), "d": mx.ones((20,))}
+    placed = []
+
+    def record(p):
+        placed.append(mx.default_stream(mx.cpu))
+        return p * 2
+
+    with leaf_streams(streams):
+        doubled = tree_map(spread(record), leaves)
+    # Greedy by size: a (100) -> 0, then b (60), c (30) and d (20) -> 1, whose load stays below 100 until d.
+    assert placed == [streams[0], streams[1], streams[1], streams[1]]
+    assert all(mx.array_equal(doubled[k], leaves[k] * 2).item() for k in leaves)
+    assert spread(record) is record  # outside leaf_streams: untouched
+
+    params = {"w": mx.random.normal((8, 16), key=mx.random.key(0)), "n": mx.ones((16,))}
+    grads = {"w": mx.random.normal((8, 16), key=mx.random.key(1)), "n": mx.ones((16,)) * 0.1}
+    opt = optimizers.get("muon_adamw")(weight_decay=0.1)
+    plain = opt.update(grads, opt.init(params), params, mx.array(0.01))
+    with leaf_streams(streams):
+        spread_out = opt.update(grads, opt.init(params), params, mx.array(0.01))
+    for (k, x), (_, y) in zip(tree_flatten(plain), tree_flatten(spread_out)):
+        assert mx.array_equal(x, y).item(), k

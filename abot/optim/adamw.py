@@ -9,7 +9,7 @@ from __future__ import annotations
 import mlx.core as mx
 from mlx.utils import tree_map
 
-from abot.optim.base import Optimizer, Tree
+from abot.optim.base import Optimizer, Tree, spread
 
 
 def is_decayed(leaf: mx.array) -> bool:
@@ -86,7 +86,7 @@ def adamw(weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.95, eps: flo
         def step(p, g, m, v):
             return adamw_leaf(p, g, m, v, lr, corrections, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
 
-        new_params, m, v = unzip(tree_map(step, params, grads, state["m"], state["v"]), 3)
+        new_params, m, v = unzip(tree_map(spread(step), params, grads, state["m"], state["v"]), 3)
         return new_params, {"count": count, "m": m, "v": v}
 
     return Optimizer(init, update)

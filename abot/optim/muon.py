@@ -14,7 +14,7 @@ import mlx.core as mx
 from mlx.utils import tree_map
 
 from abot.optim.adamw import decoupled_weight_decay, unzip, zeros_f32
-from abot.optim.base import Optimizer, Tree
+from abot.optim.base import Optimizer, Tree, spread
 
 # Quintic Newton-Schulz coefficients (a, b, c) from Keller Jordan's Muon post: tuned so that 5 steps
 # push every singular value of a Frobenius-normalised matrix into roughly [0.7, 1.2] (not exactly 1:
@@ -136,7 +136,7 @@ def muon(weight_decay: float = 0.0, momentum: float = 0.95, nesterov: bool = Tru
             return muon_leaf(p, g, buf, lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
                              scale=scale, weight_decay=weight_decay)
 
-        new_params, bufs = unzip(tree_map(step, params, grads, state["buf"]), 2)
+        new_params, bufs = unzip(tree_map(spread(step), params, grads, state["buf"]), 2)
         return new_params, {"buf": bufs}
 
     return Optimizer(init, update)

@@ -6,7 +6,7 @@ import mlx.core as mx
 from mlx.utils import tree_map_with_path
 
 from abot.optim.adamw import adamw_leaf, bias_corrections, check_adam_options, unzip, zeros_f32
-from abot.optim.base import Optimizer, Tree
+from abot.optim.base import Optimizer, Tree, spread
 from abot.optim.muon import check_muon_options, muon_leaf
 
 NOT_HIDDEN = ("embed", "head")  # path components of the token embedding and the output head
@@ -51,7 +51,7 @@ def muon_adamw(weight_decay: float = 0.0, momentum: float = 0.95, nesterov: bool
                                  weight_decay=weight_decay)
             return p, {"m": m, "v": v}
 
-        new_params, leaves = unzip(tree_map_with_path(step, params, grads, state["leaves"]), 2)
+        new_params, leaves = unzip(tree_map_with_path(spread(step), params, grads, state["leaves"]), 2)
         return new_params, {"count": count, "leaves": leaves}
 
     return Optimizer(init, update)

@@ -6,7 +6,7 @@ import mlx.core as mx
 from mlx.utils import tree_map
 
 from abot.optim.adamw import decoupled_weight_decay, unzip, zeros_f32
-from abot.optim.base import Optimizer, Tree
+from abot.optim.base import Optimizer, Tree, spread
 
 
 def sgd_leaf(param: mx.array, grad: mx.array, buf: mx.array | None, lr: mx.array, *, momentum: float,
@@ -45,7 +45,7 @@ def sgd(weight_decay: float = 0.0, momentum: float = 0.0, nesterov: bool = False
 
         if not momentum:
             return tree_map(lambda p, g: step(p, g)[0], params, grads), state
-        new_params, bufs = unzip(tree_map(step, params, grads, state["buf"]), 2)
+        new_params, bufs = unzip(tree_map(spread(step), params, grads, state["buf"]), 2)
         return new_params, {"buf": bufs}
 
     return Optimizer(init, update)
