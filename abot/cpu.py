@@ -301,14 +301,17 @@ def set_blas_threads(n: int) -> None:
     lib.scipy_openblas_set_num_threads64_(ctypes.c_int(n))
 
 
+# A width the user chose. One that abot set (recorded in ABOT_BFS_WIDTH) and a child process inherited is not.
 _user_eval_width = os.environ.get("MLX_BFS_MAX_WIDTH")
+if _user_eval_width is not None and _user_eval_width == os.environ.get("ABOT_BFS_WIDTH"):
+    _user_eval_width = None
 
 
 def _set_eval_width(width: int) -> None:
     """Set MLX_BFS_MAX_WIDTH (read once, at MLX's first evaluation) unless the user set it."""
     global eval_order_status
     if _user_eval_width is None:
-        os.environ["MLX_BFS_MAX_WIDTH"] = str(width)
+        os.environ["MLX_BFS_MAX_WIDTH"] = os.environ["ABOT_BFS_WIDTH"] = str(width)
         eval_order_status = f"MLX_BFS_MAX_WIDTH={width}"
 
 

@@ -107,7 +107,7 @@ print(json.dumps(out))
 
 @pytest.mark.skipif(cpu.status != "numpy-openblas", reason="parallel shards need numpy's OpenBLAS in MLX")
 def test_parallel_shards_divide_the_micro_batch_and_share_out_the_cores():
-    env = {k: v for k, v in os.environ.items() if k not in ("ABOT_CPU_SHARDS", "MLX_BFS_MAX_WIDTH")}
+    env = {k: v for k, v in os.environ.items() if k not in ("ABOT_CPU_SHARDS", "MLX_BFS_MAX_WIDTH", "ABOT_BFS_WIDTH")}
     out = subprocess.run([sys.executable, "-c", SHARDS], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     (six, eight, seven, late) = json.loads(out.stdout.strip().splitlines()[-1])
@@ -116,6 +116,12 @@ def test_parallel_shards_divide_the_micro_batch_and_share_out_the_cores():
     assert seven == [1, 4, "1"]  # a prime batch: one stream, every core to BLAS, depth-first order
     assert late == [1, 4, "1"]  # after MLX's first evaluation the order is fixed: no shards
 
-    out = subprocess.run([sys.executable, "-c", SHARDS], capture_output=True, text=True, timeout=120,
-                         env={**env, "ABOT_CPU_SHARDS": "1"})
-    assert json.loads(out.stdout.strip().splitlines()[-1])[0][0] == 1
+    def first(**extra):
+        out = subprocess.run([sys.executable, "-c", SHARDS], capture_output=True, text=True, timeout=120,
+                             env={**env, **extra})
+        return json.loads(out.stdout.strip().splitlines()[-1])[0]
+
+    assert first(ABOT_CPU_SHARDS="1")[0] == 1
+    # A width abot exported and a child inherited is abot's to change; one the user set is left alone.
+    assert first(MLX_BFS_MAX_WIDTH="1", ABOT_BFS_WIDTH="1")[2] == "100000"
+    assert first(MLX_BFS_MAX_WIDTH="7")[2] == "7"
