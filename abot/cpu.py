@@ -312,7 +312,7 @@ def _set_eval_width(width: int) -> None:
     global eval_order_status
     if _user_eval_width is None:
         os.environ["MLX_BFS_MAX_WIDTH"] = os.environ["ABOT_BFS_WIDTH"] = str(width)
-        eval_order_status = f"MLX_BFS_MAX_WIDTH={width}"
+    eval_order_status = f"MLX_BFS_MAX_WIDTH={os.environ['MLX_BFS_MAX_WIDTH']}"
 
 
 def ensure_eval_order() -> str:
@@ -328,5 +328,4 @@ def ensure_eval_order() -> str:
         eval_order_status = "MLX default"
     else:
         _set_eval_width(1)
-        eval_order_status = f"MLX_BFS_MAX_WIDTH={os.environ['MLX_BFS_MAX_WIDTH']}"
     return eval_order_status
