@@ -14,7 +14,8 @@ macOS (Metal, Accelerate) or with MLX's CUDA build.
    the flags that let GCC vectorise those loops (see `_JIT_FLAGS`). Measured on a tiny-model step:
    a fused exp 4x faster from -march, SwiGLU's gate 11x and the whole step 1.5x from vectorising.
    The wrapper also rewrites MLX's "strided" kernels (an input broadcast along a row) so that their
-   inner loop vectorises too (abot/cpu_kernels.py). `ABOT_JIT_FLAGS=off` disables both.
+   inner loop vectorises too, and casts of comparisons to numbers, which stop any loop vectorising
+   (abot/cpu_kernels.py). `ABOT_JIT_FLAGS=off` disables both.
 3. Memory reuse. MLX's CPU allocator is plain malloc, and glibc hands out every block above 32 MiB
    (a batch's logits, the attention scores of longer sequences) as a fresh mmap: zero-filled pages,
    one page fault per 4 KiB, on every step. We tell glibc to keep freed memory for reuse instead
@@ -195,7 +196,7 @@ def ensure_jit_flags() -> str:
                 tmp.chmod(0o755)
                 os.replace(tmp, wrapper)
             os.environ["PATH"] = f"{wrapper_dir}{os.pathsep}{os.environ.get('PATH', '')}"
-        _retire_stale_kernels(_mlx_kernel_dir(), f"{_JIT_FLAGS} strided-rewrite-{cpu_kernels.VERSION}")
+        _retire_stale_kernels(_mlx_kernel_dir(), f"{_JIT_FLAGS} kernel-rewrite-{cpu_kernels.VERSION}")
         jit_status = f"-march={_JIT_LEVEL}, vectorised"
     return jit_status
 

@@ -1,4 +1,4 @@
-"""Make MLX's strided CPU JIT kernels vectorisable: a source rewrite run by abot's g++ wrapper.
+"""Make MLX's CPU JIT kernels vectorisable: source rewrites run by abot's g++ wrapper.
 
 `mx.compile` fuses elementwise ops into C++ kernels. When every input has the output's shape and is
 contiguous, the kernel is one flat loop that GCC vectorises. As soon as one input is broadcast (a
@@ -13,8 +13,14 @@ stride-0 inputs are copied once into a small stack buffer, so every input is rea
 loop is processed in chunks that GCC vectorises like the flat kernel. Any other stride takes MLX's
 original loop. The arithmetic per element is the kernel's own, so results are unchanged.
 
-Run as `python abot/cpu_kernels.py FILE.cpp` (standalone: it imports nothing from abot): rewrites the file in place; files it does not recognise
-are left as they are.
+A second rewrite, applied to every kernel: a comparison's bool cast to a number (`(x > y).astype(float32)`,
+the one-hot inside the cross-entropy gradient) stops GCC vectorising the whole loop (it will not mix the
+1-byte bool with 4-byte lanes); `static_cast<float>(b)` becomes `static_cast<float>(b ? 1.0f : 0.0f)`, the
+same value, which it vectorises. Measured on the cross-entropy gradient kernel (1024 x 8000): 4.6 -> 1.0 ns
+per element.
+
+Run as `python abot/cpu_kernels.py FILE.cpp` (standalone: it imports nothing from abot): rewrites the file
+in place; what it does not recognise is left as it is.
 """
 
 from __future__ import annotations
@@ -22,13 +28,26 @@ from __future__ import annotations
 import re
 import sys
 
-VERSION = "1"  # part of the JIT signature in abot/cpu.py: a new version retires kernels built by the old
+VERSION = "2"  # part of the JIT signature in abot/cpu.py: a new version retires kernels built by the old
 CHUNK = 512  # elements per chunk: each stride-0 input's buffer is 512 values on the stack
 
 _LOOP = re.compile(r"^  for \(int i(\d+) = 0; i\1 < shape\[\1\]; \+\+i\1\) \{$")
 _READ = re.compile(r"^  (\S+) tmp_(\w+) = \*(\w+);$")
 _WRITE = re.compile(r"^  \*(\w+)\+\+ = (tmp_\w+);$")
 _STEP = re.compile(r"^  (\w+) \+= \1_strides\[(\d+)\];$")
+_BOOL = re.compile(r"^  bool tmp_(\w+) = ", re.M)
+_CAST = re.compile(r"static_cast<(\w+)>\(tmp_(\w+)\)")
+
+
+def bool_casts(source: str) -> str:
+    """The kernel source with each bool temporary cast to a number as `static_cast<T>(b ? 1.0f : 0.0f)`."""
+    bools = set(_BOOL.findall(source))
+
+    def cast(m: re.Match) -> str:
+        t, name = m.groups()
+        return f"static_cast<{t}>(tmp_{name} ? 1.0f : 0.0f)" if name in bools and t != "bool" else m.group(0)
+
+    return _CAST.sub(cast, source)
 
 
 def rewrite(source: str) -> str:
@@ -83,9 +102,9 @@ def main(paths: list[str]) -> None:
     for path in paths:
         with open(path) as f:
             source = f.read()
-        if not re.search(r"^void \w+_strided_\d+\(", source, re.M):  # MLX's source names the kernel
-            continue
-        new = rewrite(source)
+        new = bool_casts(source)
+        if re.search(r"^void \w+_strided_\d+\(", new, re.M):  # MLX's source names the kernel
+            new = rewrite(new)
         if new != source:
             with open(path, "w") as f:
                 f.write(new)

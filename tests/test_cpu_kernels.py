@@ -101,3 +101,64 @@ def test_mlx_compiled_broadcasts_through_the_wrapper_match_numpy():
     got = f(*(mx.array(x) for x in (a, b, c, t)))
     np.testing.assert_allclose(got[0], np.exp(a + b - c) * np.where(a > 0, b, c), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got[1], a - t.T, rtol=1e-6)
+
+
+# MLX's contiguous form of (a > b).astype(float32) * a.
+BOOL_KERNEL = """#include <cstddef>
+#include <cstdint>
+struct Greater { bool operator()(float a, float b) { return a > b; } };
+struct Multiply { float operator()(float a, float b) { return a * b; } };
+extern "C"  {
+void Cb1IGreaterf4OMultiply_VV_f4f4_0_contiguous(int* shape, int64_t** strides, void** args) {
+  float* A = (float*)args[0];
+  float* B = (float*)args[1];
+  float* C = (float*)args[2];
+  const size_t size = (size_t)args[3];
+  for (size_t i = 0; i < size; ++i) {
+  float tmp_A = A[i];
+  float tmp_B = B[i];
+  bool tmp_D = Greater()(tmp_A, tmp_B);
+  float tmp_E = static_cast<float>(tmp_D);
+  int32_t tmp_F = static_cast<int32_t>(tmp_B);
+  float tmp_C = Multiply()(tmp_E, tmp_A) + static_cast<float>(tmp_F);
+  C[i] = tmp_C;
+  }
+}
+}
+"""
+
+
+def test_bool_casts_become_selects_and_nothing_else_changes():
+    new = cpu_kernels.bool_casts(BOOL_KERNEL)
+    assert "float tmp_E = static_cast<float>(tmp_D ? 1.0f : 0.0f);" in new
+    assert "static_cast<int32_t>(tmp_B);" in new and "static_cast<float>(tmp_F)" in new  # not bools: as they were
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+def test_bool_cast_kernel_matches_the_original(tmp_path):
+    results = []
+    for tag, source in [("orig", BOOL_KERNEL), ("new", cpu_kernels.bool_casts(BOOL_KERNEL))]:
+        src, lib = tmp_path / f"{tag}.cpp", tmp_path / f"lib{tag}.so"
+        src.write_text(source)
+        subprocess.run(["g++", "-O3", "-shared", "-fPIC", str(src), "-o", str(lib)], check=True)
+        kernel = ctypes.CDLL(str(lib)).Cb1IGreaterf4OMultiply_VV_f4f4_0_contiguous
+        a, b = (np.random.default_rng(i).standard_normal(1000).astype(np.float32) * 3 for i in (0, 1))
+        out = np.empty_like(a)
+        kernel(None, None, (ctypes.c_void_p * 4)(a.ctypes.data, b.ctypes.data, out.ctypes.data, a.size))
+        results.append(out)
+    np.testing.assert_array_equal(results[0], (a > b).astype(np.float32) * a + b.astype(np.int32).astype(np.float32))
+    np.testing.assert_array_equal(results[1], results[0])
+
+
+@pytest.mark.skipif(not cpu.jit_status.startswith("-march"), reason="abot's JIT wrapper not in use here")
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16, mx.int32, mx.uint8])
+def test_mlx_compiled_bool_casts_match_numpy(dtype):
+    """Comparisons and bool arrays cast to numbers, contiguous and broadcast, as built through the wrapper."""
+    rng = np.random.default_rng(2)
+    a, b = rng.standard_normal((5, 600)).astype(np.float32), rng.standard_normal((5, 1)).astype(np.float32)
+    mask, t = rng.random((5, 600)) > 0.5, rng.standard_normal((600, 5)).astype(np.float32)
+    f = mx.compile(lambda a, b, m, t: ((a > b).astype(dtype), m.astype(dtype), (a > t.T).astype(dtype) * 3))
+    got = [np.array(x.astype(mx.float32)) for x in f(*(mx.array(x) for x in (a, b, mask, t)))]
+    np.testing.assert_array_equal(got[0], (a > b).astype(np.float32))
+    np.testing.assert_array_equal(got[1], mask.astype(np.float32))
+    np.testing.assert_array_equal(got[2], (a > t.T).astype(np.float32) * 3)
