@@ -1,4 +1,5 @@
 import abot  # noqa: F401
+import json
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -130,3 +131,43 @@ def test_bfloat16_compute_is_close_to_float32():
 def test_key_advances_and_is_an_explicit_output():
     s0, new, _ = run(tokens((1, 2, 17)), accum=1)
     assert not mx.array_equal(s0["key"], new["key"]).item()
+
+
+ACCUMULATION_MEMORY = r"""
+import abot, json
+import mlx.core as mx
+from abot.config import ModelConfig
+from abot.losses import next_token
+from abot.models.transformer import transformer
+from abot.optim.base import Optimizer
+from mlx.utils import tree_map
+from abot.step import init_state, make_train_step
+
+descent = Optimizer(init=lambda p: {}, update=lambda g, s, p, lr: (tree_map(lambda w, d: w - lr * d, p, g), s))
+model = transformer(ModelConfig(vocab_size=4000, n_layers=2, d_model=64, n_heads=4, dropout=0.0, max_seq_len=128))
+peaks = []
+for accum in (1, 4):
+    state = init_state(model.init(mx.random.key(0)), descent, mx.random.key(1))
+    batch = mx.random.randint(0, 4000, (accum, 8, 129), key=mx.random.key(2))
+    mx.eval(state, batch)
+    step = make_train_step(model, next_token, descent, grad_accum_steps=accum, max_grad_norm=1.0, shards=2)
+    for _ in range(2):  # the first call also builds the kernels, which changes how the two streams overlap
+        mx.reset_peak_memory()
+        mx.eval(step(state, batch, mx.array(0.1)))
+    peaks.append(mx.get_peak_memory())
+print(json.dumps(peaks))
+"""
+
+
+def test_accumulated_micro_batches_run_one_after_another_under_parallel_shards():
+    """Accumulation bounds memory to one micro-batch's activations, also in the breadth-first order shards use."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MLX_BFS_MAX_WIDTH": "100000", "ABOT_BFS_WIDTH": ""}
+    out = subprocess.run([sys.executable, "-c", ACCUMULATION_MEMORY], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    one, four = json.loads(out.stdout.strip().splitlines()[-1])
+    assert four < 1.3 * one, (one, four)  # every micro-batch's activations at once would be ~4x
