@@ -4,8 +4,8 @@
 
 Each case runs in its own process (a clean `mx.get_peak_memory()`): fp32, the default muon_adamw, vocab
 32000, one compiled step after `mx.reset_peak_memory()`, with and without gradient checkpointing. Prints a
-Markdown table: shape, seq, micro-batch, checkpointing, estimated, measured, error. Medium takes minutes
-per case on 2 CPU cores.
+Markdown table: shape, seq, micro-batch, accumulation steps, checkpointing, estimated, measured, error.
+Medium takes minutes per case on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import subprocess
 import sys
 
 SHAPES = {"tiny": (6, 256, 8), "small": (8, 512, 8), "medium": (12, 768, 12)}
-# (shape, seq_len, micro_batch)
-CASES = [("tiny", 256, 4), ("tiny", 512, 1), ("small", 512, 2), ("small", 256, 1), ("medium", 512, 2),
-         ("medium", 256, 1)]
-QUICK = [("tiny", 256, 2)]
+CASES = [("tiny", 256, 4, 1), ("tiny", 256, 4, 4), ("tiny", 512, 1, 1), ("small", 512, 2, 1), ("small", 512, 2, 4),
+         ("small", 256, 1, 1), ("medium", 512, 2, 1), ("medium", 256, 1, 1)]
+QUICK = [("tiny", 256, 2, 1)]
+# (shape, seq_len, micro_batch, grad_accum_steps)
 
 CHILD = r"""
 import json, sys
@@ -33,12 +33,12 @@ print(json.dumps({"estimate": estimate_memory(cfg).peak, "peak": peak, "held": h
 """
 
 
-def config(shape: str, seq: int, batch: int, ckpt: bool, vocab: int = 32000) -> dict:
+def config(shape: str, seq: int, batch: int, ckpt: bool, accum: int = 1, vocab: int = 32000) -> dict:
     n_layers, d_model, n_heads = SHAPES[shape]
     return {"model": {"vocab_size": vocab, "n_layers": n_layers, "d_model": d_model, "n_heads": n_heads,
                       "dropout": 0.0},
             "data": {"seq_len": seq},
-            "train": {"micro_batch_size": batch, "grad_accum_steps": 1, "gradient_checkpointing": ckpt,
+            "train": {"micro_batch_size": batch, "grad_accum_steps": accum, "gradient_checkpointing": ckpt,
                       "precision": "float32", "optimizer": "muon_adamw"}}
 
 
@@ -55,14 +55,14 @@ def main() -> None:
     args = parser.parse_args()
     wanted = set(args.cases.split(","))
     cases = QUICK if args.quick else [c for c in CASES if c[0] in wanted]
-    print("| shape | seq | micro-batch | checkpointing | estimated | measured | error |")
-    print("|---|---|---|---|---|---|---|")
-    for shape, seq, batch in cases:
+    print("| shape | seq | micro-batch | accumulation | checkpointing | estimated | measured | error |")
+    print("|---|---|---|---|---|---|---|---|")
+    for shape, seq, batch, accum in cases:
         for ckpt in (False, True):
-            r = measure(config(shape, seq, batch, ckpt))
+            r = measure(config(shape, seq, batch, ckpt, accum))
             n, d, _ = SHAPES[shape]
             error = (r["estimate"] - r["peak"]) / r["peak"] * 100
-            print(f"| {shape} ({n}x{d}) | {seq} | {batch} | {'on' if ckpt else 'off'} | "
+            print(f"| {shape} ({n}x{d}) | {seq} | {batch} | {accum} | {'on' if ckpt else 'off'} | "
                   f"{r['estimate'] / 2**20:,.0f} MiB | {r['peak'] / 2**20:,.0f} MiB | {error:+.1f}% |", flush=True)
 
 
