@@ -33,7 +33,7 @@ from abot.config import ConfigError, config_from_dict
 from abot.data.pipeline import eval_batches
 from abot.errors import AbotError
 from abot.finetune.batches import ENCODERS, example_eval_batches
-from abot.finetune.stage import make_eval_step as make_stage_eval_step, stage_loss
+from abot.finetune.stage import stage_loss
 from abot.generate import checkpoint_params, resolve_tokenizer
 from abot.step import make_eval_step
 
@@ -95,14 +95,14 @@ def evaluate_checkpoint(ckpt_path: str | Path, data: Sequence[str] = (), split: 
         encode = functools.partial(ENCODERS[kind], tokenizer=tokenizer, seq_len=d.seq_len, overlong=d.overlong)
         batches = [tree_map(mx.array, b) for b in
                    example_eval_batches(build_documents(cfg, split), encode, t.micro_batch_size, n_batches)]
-        eval_fn = make_stage_eval_step(model, stage_loss(cfg, "sft"), t.compile)
+        eval_fn = make_eval_step(model, stage_loss(cfg, "sft"), t.compile)
         losses = [eval_fn(params, b)[0].item() for b in batches]
         tokens = int(sum(b["mask"].sum().item() for b in batches))
     else:
         batches = eval_batches(build_documents(cfg, split), tokenizer, d.seq_len, t.micro_batch_size, n_batches,
                                d.num_workers)
         eval_fn = make_eval_step(model, build_loss(), compile=t.compile)
-        losses = [eval_fn(params, mx.array(b)).item() for b in batches]
+        losses = [eval_fn(params, mx.array(b))[0].item() for b in batches]
         tokens = sum(b.shape[0] * (b.shape[1] - 1) for b in batches)
     if not batches:
         raise AbotError(f"the {split} split gave no full micro-batch of {t.micro_batch_size}; lower "

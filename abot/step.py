@@ -43,6 +43,48 @@ def clip_by_global_norm(grads, norm: mx.array, max_norm: float):
     return tree_map(lambda g: g * factor, grads)
 
 
+def new_streams(shards: int) -> list:
+    """`shards` new MLX streams on the default device; none for one shard (the default stream is used)."""
+    return [mx.new_stream(mx.default_device()) for _ in range(shards)] if shards > 1 else []
+
+
+def batch_slices(micro, n: int) -> list:
+    """`micro` (an array or a tree of arrays with a common batch axis) cut into n equal parts along it."""
+    size = tree_flatten(micro)[0][1].shape[0] // n
+    return [tree_map(lambda b: b[j * size:(j + 1) * size], micro) for j in range(n)]
+
+
+def on_streams(fn: Callable, streams: list, micro, key: mx.array | None = None):
+    """`fn(part, key) -> ((loss, aux), rest)` over equal parts of a micro-batch, one per stream, combined.
+
+    The result is the whole micro-batch's: each part's loss is a mean over its own examples or tokens, so a
+    loss whose parts can hold unequal counts (masked tokens) reports its count as aux["loss_weight"], and the
+    parts are weighted by it; otherwise they weigh the same. loss_weight is removed from aux either way. With
+    no streams, or a batch they do not divide, `fn` runs once on the whole micro-batch.
+    """
+    n = len(streams)
+    if n < 2 or tree_flatten(micro)[0][1].shape[0] % n:
+        (loss, aux), rest = fn(micro, key)
+        aux.pop("loss_weight", None)
+        return (loss, aux), rest
+    keys = mx.random.split(key, n) if key is not None else [None] * n
+    parts = []
+    for stream, part, part_key in zip(streams, batch_slices(micro, n), keys):
+        with mx.stream(stream):
+            parts.append(fn(part, part_key))
+    weights = [aux.pop("loss_weight", None) for (_, aux), _ in parts]
+    if any(w is None for w in weights):
+        factors = [1.0 / n] * n
+    else:
+        total = mx.maximum(sum(weights[1:], weights[0]), 1.0)  # counts: all zero means every loss is 0
+        factors = [w / total for w in weights]
+
+    def combine(*xs):
+        return sum((f * x for f, x in zip(factors[1:], xs[1:])), factors[0] * xs[0])
+
+    return tree_map(combine, *parts)
+
+
 def make_train_step(model, loss_fn: Callable, optimizer: Optimizer, *, grad_accum_steps: int,
                     max_grad_norm: float, precision: str = "float32", compile: bool = True,
                     group: mx.distributed.Group | None = None, shards: int = 1):
@@ -60,7 +102,7 @@ def make_train_step(model, loss_fn: Callable, optimizer: Optimizer, *, grad_accu
     compute_dtype = DTYPES[precision]
     dynamic_scaling = precision == "float16"
     world = group.size() if group is not None else 1
-    streams = [mx.new_stream(mx.default_device()) for _ in range(shards)] if shards > 1 else []
+    streams = new_streams(shards)
 
     def across_ranks(tree):
         return tree if world == 1 else tree_map(lambda x: mx.distributed.all_sum(x, group=group) / world, tree)
@@ -72,33 +114,6 @@ def make_train_step(model, loss_fn: Callable, optimizer: Optimizer, *, grad_accu
         return loss.astype(mx.float32) * scale, aux
 
     grad_fn = mx.value_and_grad(scaled_loss)
-
-    def micro_grads(params, micro, key, scale):
-        """((loss, aux), grads) of one micro-batch, from its shards when there are several."""
-        if not streams:
-            (loss, aux), grads = grad_fn(params, micro, key, scale)
-            aux.pop("loss_weight", None)
-            return (loss, aux), grads
-        parts = []
-        for j, (stream, shard_key) in enumerate(zip(streams, mx.random.split(key, shards))):
-            with mx.stream(stream):
-                size = tree_flatten(micro)[0][1].shape[0] // shards
-                parts.append(grad_fn(params, tree_map(lambda b: b[j * size:(j + 1) * size], micro), shard_key, scale))
-        # Each shard's loss is a mean over its own examples or tokens. A loss whose shards can hold unequal
-        # counts (masked tokens) reports its count as aux["loss_weight"]; shards are then weighted by it, so
-        # the result is the whole micro-batch's mean, as without shards. Otherwise they weigh the same.
-        weights = [aux.pop("loss_weight", None) for (_, aux), _ in parts]
-        if any(w is None for w in weights):
-            factors = [1.0 / shards] * shards
-        else:
-            total = mx.maximum(sum(weights[1:], weights[0]), 1.0)  # counts: all zero means every loss is 0
-            factors = [w / total for w in weights]
-
-        def combine(*xs):
-            return sum((f * x for f, x in zip(factors[1:], xs[1:])), factors[0] * xs[0])
-
-        (losses, auxes), grads = zip(*[p[0] for p in parts]), [p[1] for p in parts]
-        return (combine(*losses), tree_map(combine, *auxes)), tree_map(combine, *grads)
 
     def step(state: dict, batch: Any, lr: mx.array):
         params, scale = state["params"], state["loss_scale"]
@@ -112,7 +127,8 @@ def make_train_step(model, loss_fn: Callable, optimizer: Optimizer, *, grad_accu
                 # once, holding all their activations (small, accumulation 4: 4.2 GB where one holds 1.5).
                 done = [g for _, g in tree_flatten(grads)]
                 micro = tree_map(lambda b: mx.depends(b, done), micro)
-            (l, aux), g = micro_grads(params, micro, micro_keys[i], scale)
+            # ((loss, aux), grads) of the micro-batch, from its parallel shards when there are several
+            (l, aux), g = on_streams(lambda part, k: grad_fn(params, part, k, scale), streams, micro, micro_keys[i])
             grads = g if grads is None else tree_map(mx.add, grads, g)
             loss = loss + l
             aux_sum = {k: aux_sum.get(k, 0.0) + v for k, v in aux.items()}
@@ -145,10 +161,11 @@ def make_train_step(model, loss_fn: Callable, optimizer: Optimizer, *, grad_accu
     return mx.compile(step) if compile else step
 
 
-def make_eval_step(model, loss_fn: Callable, compile: bool = True):
-    """`eval_step(params, micro_batch) -> loss` without dropout or gradients."""
+def make_eval_step(model, loss_fn: Callable, compile: bool = True, shards: int = 1):
+    """`eval_step(params, micro) -> (loss, metrics)` without dropout or gradients, in `shards` parallel parts."""
+    streams = new_streams(shards)
 
     def eval_step(params, micro):
-        return loss_fn(model, params, micro, None)[0]
+        return on_streams(lambda part, _: (loss_fn(model, params, part, None), {}), streams, micro)[0]
 
     return mx.compile(eval_step) if compile else eval_step

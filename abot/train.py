@@ -43,7 +43,7 @@ def describe_eval(result: dict) -> str:
 
 
 def evaluate(eval_fn, params, batches) -> dict:
-    losses = [eval_fn(params, mx.array(b)) for b in batches]
+    losses = [eval_fn(params, mx.array(b))[0] for b in batches]
     loss = mx.stack(losses).mean().item() if losses else float("nan")
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
 
@@ -229,14 +229,14 @@ def train(cfg: Config, resume: bool = False, console: Console | None = None, sta
         eval_data = build_eval_data(cfg, tokenizer)
     else:  # conversations or preference pairs (abot.finetune)
         finetune = stage_data(stage, cfg, tokenizer, model, loss_fn, reference=init_params, data_state=data_state,
-                              say=console.print)
+                              say=console.print, shards=shards)
         stream, eval_data = finetune.stream, finetune.eval_batches
     if shards > 1:
         console.print(f"cpu: each micro-batch runs as {shards} parallel shards (one MLX stream per core)")
     step_fn = make_train_step(model, loss_fn, optimizer, grad_accum_steps=t.grad_accum_steps,
                               max_grad_norm=t.max_grad_norm, precision=t.precision, compile=t.compile,
                               group=group, shards=shards)
-    eval_fn = make_eval_step(model, loss_fn, compile=t.compile)
+    eval_fn = make_eval_step(model, loss_fn, compile=t.compile, shards=shards)
     prepare, run_eval = mx.array, lambda params: evaluate(eval_fn, params, eval_data) if eval_data else {}
     if finetune:
         prepare, run_eval = finetune.prepare, finetune.evaluate

@@ -10,7 +10,7 @@ from abot.finetune.losses import sft
 from abot.losses import next_token
 from abot.models.transformer import transformer
 from abot.optim.base import Optimizer
-from abot.step import global_norm, init_state, make_train_step
+from abot.step import global_norm, init_state, make_eval_step, make_train_step
 
 # Plain gradient descent: the update is exactly -lr * (processed) gradient, so tests can read it back.
 descent = Optimizer(init=lambda p: {}, update=lambda g, s, p, lr: (tree_map(lambda w, d: w - lr * d, p, g), s))
@@ -72,6 +72,22 @@ def test_parallel_shards_weigh_masked_losses_by_their_token_counts():
     assert_trees_close(applied_update(s0, whole), applied_update(s0, sharded), atol=1e-6)
     assert m2["loss"].item() == pytest.approx(m1["loss"].item(), abs=1e-6)
     assert "loss_weight" not in m2  # how shards are weighed, not a metric
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_eval_step_in_parallel_shards_equals_one_batch(compile):
+    """Held-out losses split over two streams: the plain mean, and SFT's weighted by assistant tokens (3:16)."""
+    params = fresh_state()["params"]
+    counts = mx.array([3, 3, 16, 16])[:, None]
+    masked = {"tokens": tokens((4, 17)), "mask": (mx.arange(16)[None] < counts).astype(mx.int32)}
+    for loss, micro in [(next_token, tokens((4, 17), seed=3)), (sft, masked)]:
+        whole, whole_metrics = make_eval_step(MODEL, loss, compile)(params, micro)
+        split, split_metrics = make_eval_step(MODEL, loss, compile, shards=2)(params, micro)
+        assert split.item() == pytest.approx(whole.item(), abs=1e-6)
+        assert "loss_weight" not in split_metrics and whole_metrics.keys() == split_metrics.keys()
+    odd = tokens((3, 17))  # a batch the shards do not divide runs whole
+    assert make_eval_step(MODEL, next_token, compile, shards=2)(params, odd)[0].item() == \
+        pytest.approx(make_eval_step(MODEL, next_token, compile)(params, odd)[0].item(), abs=1e-6)
 
 
 def test_clipping_yields_the_configured_global_norm():

@@ -32,7 +32,7 @@ from abot.errors import AbotError
 from abot.finetune.batches import (ENCODERS, OVERLONG, DataStats, ExampleStream, describe,
                                    example_eval_batches)
 from abot.finetune.losses import sequence_logprobs
-from abot.step import DTYPES
+from abot.step import DTYPES, batch_slices, make_eval_step, new_streams
 
 STAGES = ("pretrain", "sft", "dpo")
 DEFAULT_LOSS = {"pretrain": "next_token", "sft": "sft", "dpo": "dpo"}
@@ -136,22 +136,21 @@ def load_init_params(cfg: Config, tokenizer, model) -> tuple[dict, Path]:
     return tree_map(lambda p: p.astype(mx.float32), params), path
 
 
-def make_eval_step(model, loss_fn: Callable, compile: bool = True):
-    """`eval_step(params, micro) -> (loss, metrics)`, no dropout and no gradients."""
+def make_reference_fn(model, compile: bool = True, shards: int = 1):
+    """`ref(ref_params, tokens, mask) -> (B,)` summed log-probs of the frozen model, eval mode, no gradient.
 
-    def eval_step(params, micro):
-        loss, metrics = loss_fn(model, params, micro, None)
-        metrics.pop("loss_weight", None)  # how train steps weigh batch shards, not a metric
-        return loss, metrics
-
-    return mx.compile(eval_step) if compile else eval_step
-
-
-def make_reference_fn(model, compile: bool = True):
-    """`ref(ref_params, tokens, mask) -> (B,)` summed log-probs of the frozen model, eval mode, no gradient."""
+    With `shards` > 1 the rows are split over that many MLX streams (as the train step's; abot.cpu).
+    """
+    streams = new_streams(shards)
 
     def ref(ref_params, tokens, mask):
-        return mx.stop_gradient(sequence_logprobs(model, ref_params, tokens, mask, key=None))
+        if len(streams) < 2 or tokens.shape[0] % len(streams):
+            return mx.stop_gradient(sequence_logprobs(model, ref_params, tokens, mask, key=None))
+        parts = []
+        for stream, (part_tokens, part_mask) in zip(streams, batch_slices((tokens, mask), len(streams))):
+            with mx.stream(stream):
+                parts.append(sequence_logprobs(model, ref_params, part_tokens, part_mask, key=None))
+        return mx.stop_gradient(mx.concatenate(parts))
 
     return mx.compile(ref) if compile else ref
 
@@ -186,8 +185,8 @@ class StageData:
 
 
 def stage_data(stage: str, cfg: Config, tokenizer, model, loss_fn: Callable, reference: Any = None,
-               data_state: dict | None = None, say: Callable[[str], None] = print) -> StageData:
-    """Batches, evaluation and the reference model for a fine-tuning stage."""
+               data_state: dict | None = None, say: Callable[[str], None] = print, shards: int = 1) -> StageData:
+    """Batches, evaluation and the reference model for a fine-tuning stage (`shards`: as the train step's)."""
     t, d = cfg.train, cfg.data
     kind = BATCH_KIND[stage]
     encode = functools.partial(ENCODERS[kind], tokenizer=tokenizer, seq_len=d.seq_len, overlong=d.overlong)
@@ -209,7 +208,7 @@ def stage_data(stage: str, cfg: Config, tokenizer, model, loss_fn: Callable, ref
         if reference is None:
             raise AbotError(f"abot {stage} needs a reference model: set train.init_from")
         ref_params = tree_map(lambda p: p.astype(DTYPES[t.precision]), reference)  # compute precision, frozen
-        ref_fn = make_reference_fn(model, t.compile)
+        ref_fn = make_reference_fn(model, t.compile, shards)
         eval_data = [add_reference_logprobs(ref_fn, ref_params, b) for b in eval_data]  # once: ref is frozen
 
         def prepare(batch):
@@ -218,7 +217,7 @@ def stage_data(stage: str, cfg: Config, tokenizer, model, loss_fn: Callable, ref
         def prepare(batch):
             return tree_map(mx.array, batch)
 
-    eval_step = make_eval_step(model, loss_fn, t.compile)
+    eval_step = make_eval_step(model, loss_fn, t.compile, shards)
 
     def evaluate(params) -> dict:
         if not eval_data:
