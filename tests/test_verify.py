@@ -235,13 +235,15 @@ def test_compute_reports_blas_and_speed(monkeypatch):
         assert check.status == WARN and "slow (reference) BLAS" in check.detail and "ABOT_BLAS" in check.fix
 
 
-def test_low_precision_on_the_cpu_warns(monkeypatch):
+def test_low_precision_on_the_cpu_warns(tmp_path):
     if mx.default_device() != mx.cpu:
         pytest.skip("CPU only")
-    monkeypatch.setattr(verify, "sgemm_gflops", lambda: 100.0)
-    monkeypatch.setattr(verify, "numpy_sgemm_gflops", lambda: 100.0)
-    check = verify.check_compute(cfg_of(train={"precision": "bfloat16"}))
-    assert check.status == WARN and "train.precision=float32" in check.fix
+    check = verify.check_precision(cfg_of(train={"precision": "bfloat16"}))
+    assert check.status == WARN and "train.precision=float32" in check.fix and "bfloat16" in check.detail
+    assert verify.check_precision(cfg_of()).status == PASS
+    warnings = []
+    verify.preflight(cfg_of(train={"precision": "float16", "save_dir": str(tmp_path)}), warnings.append)
+    assert any("train.precision float16 on a CPU" in w for w in warnings)  # abot train says it too
 
 
 # ------------------------------------------------------------------------------- the command, train
@@ -282,17 +284,17 @@ def test_train_stops_early_with_the_same_message(tmp_path):
 ALLOWED = {
     "tokenizer": (WARN, "abot train will train one"),
     "dataset": (FAIL, "cannot be reached"),
-    "device": (WARN, ""),
+    "precision": (WARN, "on a CPU"),
 }
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_shipped_configs_pass_verify_offline(path, monkeypatch):
     monkeypatch.chdir(ROOT)
-    monkeypatch.setattr(verify, "check_compute", lambda cfg=None: verify.Check("device", PASS, "not measured"))
+    monkeypatch.setattr(verify, "check_compute", lambda: verify.Check("device", PASS, "not measured"))
     results = verify.run_checks(path)
     assert [c.name for c in results] == ["config valid", "tokenizer", "dataset", "parameters", "memory",
-                                         "disk space", "save_dir writable", "device"]
+                                         "disk space", "save_dir writable", "device", "precision"]
     total, available, _ = memory.machine_memory()
     too_big = memory.estimate_memory(load_config(path)).peak > (available or total)
     for check in results:
