@@ -3,7 +3,7 @@
 A loss is `loss(model, params, batch, key) -> (scalar loss, metrics dict of scalars)`, where
 `batch` is what the data pipeline yields for one micro-batch. A loss that is a mean over a number of
 items that varies between batches (masked tokens) also returns that number as metrics["loss_weight"]:
-the train step weighs the parts of a batch it splits across CPU cores by it (see abot/step.py).
+the train and eval steps weigh the parts of a batch they split across CPU cores by it (abot/step.py).
 """
 
 import mlx.core as mx
