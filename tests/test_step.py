@@ -1,5 +1,9 @@
 import abot  # noqa: F401
 import json
+import os
+import subprocess
+import sys
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -177,10 +181,6 @@ print(json.dumps(peaks))
 
 def test_accumulated_micro_batches_run_one_after_another_under_parallel_shards():
     """Accumulation bounds memory to one micro-batch's activations, also in the breadth-first order shards use."""
-    import os
-    import subprocess
-    import sys
-
     env = {**os.environ, "MLX_BFS_MAX_WIDTH": "100000", "ABOT_BFS_WIDTH": ""}
     out = subprocess.run([sys.executable, "-c", ACCUMULATION_MEMORY], capture_output=True, text=True, env=env,
                          timeout=300)
