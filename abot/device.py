@@ -1,4 +1,4 @@
-"""Which MLX backend this process runs on, for the start-up line and `abot verify`.
+"""Which MLX backend this process runs on and how fast it multiplies, for the start-up line and `abot verify`.
 
 Nothing here imports `mlx.core` at module level: abot/cpu.py asks `installed_backends()` before MLX loads.
 """
@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import time
+from typing import Callable
 
 
 def installed_backends() -> list[str]:
@@ -43,3 +45,33 @@ def describe() -> str:
         return f"gpu: {name or 'NVIDIA GPU'} (CUDA, float32 matmuls in {float32_matmul()})"
     return (f"cpu: {name or 'unknown'}, BLAS: {cpu.status}, JIT: {cpu.jit_status}, malloc: {cpu.malloc_status}, "
             f"eval: {cpu.eval_order_status}")
+
+
+def _gflops(matmul: Callable[[], object], n: int, min_time: float) -> float:
+    """GFLOP/s of `matmul` (one finished n^3 product per call), after 2 warm-up calls, over >= 3 calls and min_time."""
+    for _ in range(2):
+        matmul()
+    reps, start = 0, time.perf_counter()
+    while True:
+        matmul()
+        reps += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_time and reps >= 3:
+            return 2 * n**3 * reps / elapsed / 1e9
+
+
+def sgemm_gflops(n: int = 512, min_time: float = 0.2) -> float:
+    """Measured float32 matmul speed (n^3 sgemm) on MLX's default device, GFLOP/s."""
+    import mlx.core as mx
+
+    a, b = mx.random.normal((n, n)), mx.random.normal((n, n))
+    mx.eval(a, b)
+    return _gflops(lambda: mx.eval(a @ b), n, min_time)
+
+
+def numpy_sgemm_gflops(n: int = 512, min_time: float = 0.2) -> float:
+    """The same sgemm through numpy (its bundled OpenBLAS): what this CPU gives a good BLAS right now."""
+    import numpy as np
+
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    return _gflops(lambda: a @ a, n, min_time)

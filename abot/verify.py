@@ -2,8 +2,8 @@
 
 Each check is a small function returning a `Check` record (name, status pass/warn/fail, what was found, the
 fix). `run_checks` runs all of them for `abot verify`; `preflight` runs the cheap ones (save_dir writable,
-disk space for a checkpoint, memory estimate vs this machine) before `abot train` starts, and stops it with the
-same messages when one fails.
+disk space for a checkpoint, memory estimate vs this machine, precision) before `abot train` starts, and stops
+it with the same messages when one fails.
 
 The memory estimate and its formula are in abot/memory.py.
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -266,40 +265,6 @@ def check_save_dir(cfg: Config) -> Check:
 
 # -------------------------------------------------------------------------------------------- compute
 
-def sgemm_gflops(n: int = 512, min_time: float = 0.2) -> float:
-    """Measured float32 matmul speed (n^3 sgemm) on MLX's default device, GFLOP/s."""
-    import mlx.core as mx
-
-    a = mx.random.normal((n, n))
-    b = mx.random.normal((n, n))
-    mx.eval(a, b)
-    for _ in range(2):
-        mx.eval(a @ b)
-    reps, start = 0, time.perf_counter()
-    while True:
-        mx.eval(a @ b)
-        reps += 1
-        elapsed = time.perf_counter() - start
-        if elapsed >= min_time and reps >= 3:
-            return 2 * n**3 * reps / elapsed / 1e9
-
-
-def numpy_sgemm_gflops(n: int = 512, min_time: float = 0.2) -> float:
-    """The same sgemm through numpy (its bundled OpenBLAS): what this CPU gives a good BLAS right now."""
-    import numpy as np
-
-    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
-    for _ in range(2):
-        a @ a
-    reps, start = 0, time.perf_counter()
-    while True:
-        a @ a
-        reps += 1
-        elapsed = time.perf_counter() - start
-        if elapsed >= min_time and reps >= 3:
-            return 2 * n**3 * reps / elapsed / 1e9
-
-
 def check_compute() -> Check:
     """Which device and BLAS MLX uses, and its measured 512^3 sgemm speed (next to numpy's on the CPU: a
     busy machine slows both, a reference BLAS only MLX)."""
@@ -307,12 +272,12 @@ def check_compute() -> Check:
 
     from abot import cpu, device
 
-    gflops = sgemm_gflops()
+    gflops = device.sgemm_gflops()
     if conflict := device.backend_conflict():
         return Check("device", WARN, f"{device.describe()}; {conflict[0]}", conflict[1])
     if mx.default_device() == mx.gpu:
         return Check("device", PASS, f"{device.describe()}; 512^3 sgemm {gflops:,.0f} GFLOP/s")
-    reference = numpy_sgemm_gflops()
+    reference = device.numpy_sgemm_gflops()
     detail = f"{device.describe()}; 512^3 sgemm {gflops:,.1f} GFLOP/s (numpy: {reference:,.1f})"
     if cpu.status.startswith(("reference", "disabled")) or gflops < reference / 4:
         return Check("device", WARN, detail + "; MLX is on a slow (reference) BLAS",
