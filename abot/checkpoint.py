@@ -262,8 +262,9 @@ def _read_header(path: Path, head: bytes) -> int:
 
 def _open_checkpoint_file(path: Path) -> BinaryIO:
     if path.is_dir():
-        raise AbotError(f"{path}: is a folder; give a checkpoint file such as {path / 'step_00001000.ckpt'} "
-                        "(the newest one is named in its 'latest' file)")
+        newest = latest_checkpoint(path)
+        hint = f"its newest is {newest}" if newest else "it holds no loadable step_*.ckpt"
+        raise AbotError(f"{path}: is a folder; give a checkpoint file ({hint})")
     try:
         return open(path, "rb")
     except FileNotFoundError:

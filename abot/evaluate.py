@@ -1,9 +1,9 @@
 """`abot eval`: held-out loss and perplexity of a checkpoint.
 
 The data is the checkpoint's own config unless told otherwise: its source's "eval" split (the same
-micro-batches training evaluated on: `abot.build.build_documents(cfg, "eval")` through
-`abot.data.pipeline.eval_batches`, unshuffled, each document followed by EOS), `train.eval_steps`
-micro-batches of `train.micro_batch_size` x `data.seq_len`. A YAML file replaces the data section, and
+micro-batches training evaluated on, `abot.stage.eval_batches`: unshuffled, each document followed by EOS),
+`train.eval_steps` micro-batches of `train.micro_batch_size` x `data.seq_len`, scored by `abot.stage.evaluate`
+exactly as training scores them. A YAML file replaces the data section, and
 `data.*` / `train.*` overrides change single keys (`data.dataset=json data.data_files=held_out.jsonl`);
 model keys cannot change. The loss is the mean next-token cross-entropy over all predicted tokens (every
 batch is full, so the mean of batch means is the token mean); perplexity is exp(loss). A checkpoint trained
@@ -13,7 +13,7 @@ the mean over micro-batches.
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -21,20 +21,12 @@ from typing import Sequence
 
 import yaml
 
-import abot  # noqa: F401  (BLAS before mlx.core)
-
-import mlx.core as mx
-from mlx.utils import tree_map
-
 from abot import registry
-from abot.build import build_documents, build_loss, build_model
-from abot.checkpoint import load_checkpoint
-from abot.config import ConfigError, config_from_dict
-from abot.data.pipeline import eval_batches
+from abot.build import build_model
+from abot.config import Config, ConfigError, config_from_dict
 from abot.errors import AbotError
-from abot.finetune.batches import ENCODERS, example_eval_batches
-from abot.finetune.stage import stage_loss
-from abot.generate import checkpoint_params, resolve_tokenizer
+from abot.restore import checkpoint_tokenizer, open_checkpoint
+from abot.stage import Stage, eval_batches, evaluate, loss_batch_kind, predicted_tokens, stage_for_source, stage_loss
 from abot.step import make_eval_step
 
 SPLITS = ("eval", "train")
@@ -68,52 +60,45 @@ def eval_config(ckpt_meta_config: dict, where: str, data: Sequence[str] = ()):
     return config_from_dict(raw, where, overrides)
 
 
+def scoring_loss(cfg: Config, stage: Stage):
+    """The checkpoint's train.loss where it fits the data's stage, else the stage's default (e.g. a DPO-tuned
+    model scored on text: next_token)."""
+    name = cfg.train.loss
+    if name and loss_batch_kind(name, registry.losses.get(name, "train.loss")) not in (None, stage.batch_kind):
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, loss=None, loss_args={}))
+    return stage_loss(cfg, stage)
+
+
 def evaluate_checkpoint(ckpt_path: str | Path, data: Sequence[str] = (), split: str = "eval",
                         steps: int | None = None, tokenizer_path: str | Path | None = None) -> dict:
-    """Loss, perplexity and token count of a checkpoint on `split` of its (possibly overridden) data."""
+    """Loss, perplexity and token count of a checkpoint (or a run folder's newest) on `split` of its data."""
     if split not in SPLITS:
         raise AbotError(f"--split {split!r}: choose one of {', '.join(SPLITS)}")
-    ckpt_path = Path(ckpt_path)
-    ckpt = load_checkpoint(ckpt_path)
-    if not isinstance(ckpt.meta.get("config"), dict):
-        raise AbotError(f"{ckpt_path}: the checkpoint has no config in its meta; give a checkpoint written by abot")
-    cfg = eval_config(ckpt.meta["config"], f"{ckpt_path} (its config)", data)
-    params = checkpoint_params(ckpt, ckpt_path)
-    tokenizer = resolve_tokenizer(cfg, ckpt.meta, ckpt_path, tokenizer_path)
-    model = build_model(cfg)
+    opened = open_checkpoint(ckpt_path)
+    cfg = opened.config(lambda raw, where: eval_config(raw, where, data))
+    tokenizer = checkpoint_tokenizer(cfg, opened, tokenizer_path)
     n_batches = cfg.train.eval_steps if steps is None else steps
     if n_batches <= 0:
         raise AbotError(f"--steps must be positive, got {n_batches}")
     d, t = cfg.data, cfg.train
-    kind = getattr(registry.datasets.get(d.source, "data.source"), "produces", "text")
-    if kind == "preferences":
-        raise AbotError(f"{ckpt_path}: its data (data.source: {d.source}) is preference pairs, whose loss needs the "
+    stage = stage_for_source(cfg)  # scored as the stage that trains on this data evaluates
+    if stage.reference:
+        raise AbotError(f"{opened.path}: its data (data.source: {d.source}) is preference pairs, whose loss needs the "
                         "frozen reference model; `abot dpo` prints that held-out loss and reward accuracy. For "
                         "perplexity on text: abot eval CHECKPOINT --data data.source=stdlib_docs (or a text dataset)")
     t0 = time.perf_counter()
-    if kind == "conversations":  # as `abot sft` evaluates: the loss on assistant tokens
-        encode = functools.partial(ENCODERS[kind], tokenizer=tokenizer, seq_len=d.seq_len, overlong=d.overlong)
-        batches = [tree_map(mx.array, b) for b in
-                   example_eval_batches(build_documents(cfg, split), encode, t.micro_batch_size, n_batches)]
-        eval_fn = make_eval_step(model, stage_loss(cfg, "sft"), t.compile)
-        losses = [eval_fn(params, b)[0].item() for b in batches]
-        tokens = int(sum(b["mask"].sum().item() for b in batches))
-    else:
-        batches = eval_batches(build_documents(cfg, split), tokenizer, d.seq_len, t.micro_batch_size, n_batches,
-                               d.num_workers)
-        eval_fn = make_eval_step(model, build_loss(), compile=t.compile)
-        losses = [eval_fn(params, mx.array(b))[0].item() for b in batches]
-        tokens = sum(b.shape[0] * (b.shape[1] - 1) for b in batches)
+    batches = eval_batches(stage, cfg, tokenizer, split, n_batches)
     if not batches:
         raise AbotError(f"the {split} split gave no full micro-batch of {t.micro_batch_size}; lower "
                         "train.micro_batch_size or use more data")
-    seconds = time.perf_counter() - t0
-    loss = sum(losses) / len(losses)
+    result = evaluate(stage, make_eval_step(build_model(cfg), scoring_loss(cfg, stage), t.compile), opened.params(),
+                      batches)
+    loss, seconds = result["loss"], time.perf_counter() - t0
     source = d.dataset if d.source == "huggingface" else d.source
-    return {"checkpoint": str(ckpt_path), "step": ckpt.step, "split": split, "source": source,
+    return {"checkpoint": str(opened.path), "step": opened.step, "split": split, "source": source,
             "data_files": d.data_files, "batches": len(batches), "micro_batch_size": t.micro_batch_size,
-            "seq_len": d.seq_len, "tokens": tokens, "loss": loss, "ppl": math.exp(min(loss, 50.0)),
-            "bits_per_token": loss / math.log(2), "seconds": seconds}
+            "seq_len": d.seq_len, "tokens": sum(predicted_tokens(b) for b in batches), "loss": loss,
+            "ppl": math.exp(min(loss, 50.0)), "bits_per_token": loss / math.log(2), "seconds": seconds}
 
 
 def result_table(result: dict):

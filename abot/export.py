@@ -34,16 +34,13 @@ from typing import Callable
 
 import numpy as np
 
-import abot  # noqa: F401  (BLAS before mlx.core)
-
 import mlx.core as mx
 
 from abot.chat_template import END_ID
-from abot.checkpoint import load_checkpoint
 from abot.config import Config
 from abot.errors import AbotError
-from abot.generate import checkpoint_params, load_checkpoint_config, resolve_tokenizer
 from abot.models.transformer import hidden_size
+from abot.restore import checkpoint_tokenizer, open_checkpoint
 from abot.tokenizer import BOS, BOS_ID, CHAT_MARKERS, EOS, EOS_ID, FIRST_USER_ID, PAD, PAD_ID, UNK, UNK_ID
 
 # The chat template of abot.chat_template, as Jinja for transformers' apply_chat_template.
@@ -153,11 +150,10 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, tokenizer_path
     """Write the Hugging Face Llama folder for `ckpt_path` into `out_dir`; returns `out_dir`."""
     from safetensors.numpy import save_file
 
-    ckpt_path, out_dir = Path(ckpt_path), Path(out_dir)
-    ckpt = load_checkpoint(ckpt_path)
-    cfg = load_checkpoint_config(ckpt, ckpt_path)
-    tensors = hf_tensors(checkpoint_params(ckpt, ckpt_path), cfg)  # refuses GELU before writing anything
-    tokenizer = resolve_tokenizer(cfg, ckpt.meta, ckpt_path, tokenizer_path)
+    opened, out_dir = open_checkpoint(ckpt_path), Path(out_dir)
+    cfg = opened.config()
+    tensors = hf_tensors(opened.params(), cfg)  # refuses GELU before writing anything
+    tokenizer = checkpoint_tokenizer(cfg, opened, tokenizer_path)
     if out_dir.exists() and not out_dir.is_dir():
         raise AbotError(f"--out {out_dir}: exists and is not a folder")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
@@ -176,7 +172,7 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, tokenizer_path
         (out_dir / name).write_text(json.dumps(content, indent=2) + "\n")
     shutil.copyfile(tokenizer.path, out_dir / "tokenizer.model")
     n = sum(t.size for t in tensors.values())
-    say(f"Exported {ckpt_path} (step {ckpt.step}, {n / 1e6:.2f}M parameters, float32) to {out_dir} as "
+    say(f"Exported {opened.path} (step {opened.step}, {n / 1e6:.2f}M parameters, float32) to {out_dir} as "
         "LlamaForCausalLM: config.json, model.safetensors, tokenizer.model, tokenizer_config.json, "
         "special_tokens_map.json, generation_config.json.")
     return out_dir

@@ -23,16 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-import abot  # noqa: F401  (BLAS before mlx.core)
-
 import mlx.core as mx
 
 from abot.build import build_model
 from abot.chat_template import ASSISTANT_ID, END_ID, SYSTEM_ID, USER_ID, render
-from abot.checkpoint import load_checkpoint
 from abot.config import Config, config_from_dict
 from abot.errors import AbotError
-from abot.tokenizer import EOS_ID, Tokenizer, load_tokenizer
+from abot.restore import checkpoint_tokenizer, open_checkpoint
+from abot.tokenizer import EOS_ID, Tokenizer
 
 STOP_IDS = (EOS_ID, END_ID)
 # In a chat any marker ends the reply: a model that starts the next turn itself has finished this one.
@@ -53,50 +51,13 @@ class Loaded:
     path: Path
 
 
-def checkpoint_params(ckpt, path) -> dict:
-    """The model parameters of a checkpoint (training state, or a bare {"params": ...} tree)."""
-    trees = ckpt.trees
-    if isinstance(trees.get("state"), dict) and "params" in trees["state"]:
-        return trees["state"]["params"]
-    if "params" in trees:
-        return trees["params"]
-    raise AbotError(f"{path}: the checkpoint holds no model parameters (no trees.state.params); "
-                    "give a checkpoint written by abot train")
-
-
-def load_checkpoint_config(ckpt, path, overrides: Sequence[str] = ()) -> Config:
-    raw = ckpt.meta.get("config")
-    if not isinstance(raw, dict):
-        raise AbotError(f"{path}: the checkpoint has no config in its meta; give a checkpoint written by abot train")
-    return config_from_dict(raw, f"{path} (its config)", overrides)
-
-
-def resolve_tokenizer(cfg: Config, meta: dict, ckpt_path, tokenizer_path: str | Path | None = None) -> Tokenizer:
-    """`tokenizer_path` or the config's train.tokenizer_path, checked against the checkpoint's sha256."""
-    path = Path(tokenizer_path or cfg.train.tokenizer_path)
-    if not path.exists() and tokenizer_path is None:
-        raise AbotError(f"{ckpt_path}: its tokenizer {path} (train.tokenizer_path) is not found from here; "
-                        "pass --tokenizer PATH to the tokenizer the model was trained with")
-    tokenizer = load_tokenizer(path)
-    expected = meta.get("tokenizer_sha256")
-    if expected and tokenizer.sha256 != expected:
-        raise AbotError(f"{path}: not the tokenizer {ckpt_path} was trained with (sha256 {tokenizer.sha256[:12]}... "
-                        f"but the checkpoint expects {expected[:12]}...); pass --tokenizer PATH to the original")
-    if tokenizer.vocab_size != cfg.model.vocab_size:
-        raise AbotError(f"{path}: {tokenizer.vocab_size} tokens, but the model of {ckpt_path} has "
-                        f"{cfg.model.vocab_size}; pass --tokenizer PATH to the tokenizer it was trained with")
-    return tokenizer
-
-
 def load_for_inference(ckpt_path: str | Path, tokenizer_path: str | Path | None = None,
                        overrides: Sequence[str] = ()) -> Loaded:
-    """Checkpoint -> model (built through the registry from the checkpoint's own config), params, tokenizer."""
-    ckpt_path = Path(ckpt_path)
-    ckpt = load_checkpoint(ckpt_path)
-    cfg = load_checkpoint_config(ckpt, ckpt_path, overrides)
-    params = checkpoint_params(ckpt, ckpt_path)
-    tokenizer = resolve_tokenizer(cfg, ckpt.meta, ckpt_path, tokenizer_path)
-    return Loaded(build_model(cfg), params, tokenizer, cfg, ckpt.step, ckpt_path)
+    """Checkpoint or run folder -> model (built through the registry from its own config), params, tokenizer."""
+    opened = open_checkpoint(ckpt_path)
+    cfg = opened.config(lambda raw, where: config_from_dict(raw, where, overrides))
+    tokenizer = checkpoint_tokenizer(cfg, opened, tokenizer_path)
+    return Loaded(build_model(cfg), opened.params(), tokenizer, cfg, opened.step, opened.path)
 
 
 # ---------------------------------------------------------------------------------------------- sampling

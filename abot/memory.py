@@ -204,29 +204,31 @@ def estimate_memory(cfg: Config, shapes: Shapes | None = None) -> MemoryEstimate
                           gradient_checkpointing=t.gradient_checkpointing)
 
 
-def measure_step_peak(cfg: Config) -> tuple[int, int]:
-    """Run one compiled train step of `cfg` on random tokens; (peak bytes, bytes held before the step).
+def measure_step_peak(cfg: Config, stage=None, lanes: int = 1) -> tuple[int, int]:
+    """Run one step of `cfg`'s compiled train step on random tokens; (peak bytes, bytes held before the step).
 
+    The step is `abot.run.build_step`'s, the one `abot train` runs: the stage's loss (default: the stage whose
+    batches data.source produces) and `lanes` (`abot.run.decide_lanes`, decided before MLX's first evaluation).
     The peak is `mx.get_peak_memory()` after `mx.reset_peak_memory()`, with the training state already
-    allocated, as in `abot train`. Costs one step (plus compilation): seconds for small models.
+    allocated. Costs one step (plus compilation): seconds for small models.
     """
     import mlx.core as mx
 
-    from abot.build import build_loss, build_model, build_optimizer
-    from abot.step import init_state, make_train_step
+    from abot.run import build_step
+    from abot.stage import random_batch, stage_for_source
+    from abot.step import init_state
 
     t = cfg.train
-    model, optimizer = build_model(cfg), build_optimizer(cfg)
+    stage = stage or stage_for_source(cfg)
+    parts = build_step(cfg, stage, lanes)
     init_key, key = mx.random.split(mx.random.key(t.seed))
-    state = init_state(model.init(init_key), optimizer, key, t.precision)
-    tokens = mx.random.randint(0, cfg.model.vocab_size, (t.grad_accum_steps, t.micro_batch_size, cfg.data.seq_len + 1))
-    mx.eval(state, tokens)
-    step = make_train_step(model, build_loss(), optimizer, grad_accum_steps=t.grad_accum_steps,
-                           max_grad_norm=t.max_grad_norm, precision=t.precision, compile=t.compile)
+    state = init_state(parts.model.init(init_key), parts.optimizer, key, t.precision)
+    batch = random_batch(stage, cfg, init_key)
+    mx.eval(state, batch)
     mx.clear_cache()
     held = mx.get_active_memory()
     mx.reset_peak_memory()
-    state, metrics = step(state, tokens, mx.array(1e-4, dtype=mx.float32))  # rebinding frees the old state
+    state, metrics = parts.step(state, batch, mx.array(1e-4, dtype=mx.float32))  # rebinding frees the old state
     mx.eval(state, metrics)
     return mx.get_peak_memory(), held
 

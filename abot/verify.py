@@ -20,6 +20,7 @@ from typing import Callable
 from abot.config import Config, load_config
 from abot.errors import AbotError, ConfigError
 from abot.memory import Shapes, estimate_memory, machine_memory, measure_step_peak, model_shapes
+from abot.run import decide_lanes
 
 PASS, WARN, FAIL, SKIP = "pass", "warn", "fail", "skip"
 GIB = 2**30
@@ -300,10 +301,15 @@ def check_precision(cfg: Config) -> Check:
 
 # ----------------------------------------------------------------------------------------------- runs
 
-def check_measured(cfg: Config, shapes: Shapes | None = None) -> Check:
-    """Run one real compiled step and compare its peak memory with the estimate (`abot verify --measure`)."""
+def check_measured(cfg: Config, shapes: Shapes | None = None, lanes: int = 1) -> Check:
+    """Run one step of the compiled train step `abot train` runs (`lanes` as `abot.run.decide_lanes` chose) and
+    compare its peak memory with the estimate (`abot verify --measure`)."""
+    from abot import cpu
+
     est = estimate_memory(cfg, shapes)
-    peak, _ = measure_step_peak(cfg)
+    peak, _ = measure_step_peak(cfg, lanes=lanes)
+    if lanes > 1:  # the lanes gave each stream's matmuls a share of the cores: the device check wants them all
+        cpu.set_blas_threads(cpu.usable_cores())
     error = (est.peak - peak) / peak
     detail = f"one compiled step: peak {_gib(peak)}; the estimate {_gib(est.peak)} is {error:+.0%} off"
     if abs(error) > 0.15:
@@ -324,6 +330,7 @@ def run_checks(path: str | Path, overrides: list[str] = (), *, data: bool = True
 
     config_check, cfg = check_config(path, overrides)
     add(config_check)
+    lanes = decide_lanes(cfg.train) if measure and cfg is not None else 1  # before MLX's first evaluation
     if cfg is None:
         for name in ("tokenizer", "dataset", "parameters", "memory", "disk space", "save_dir writable"):
             add(Check(name, SKIP, "needs a valid config"))
@@ -336,7 +343,7 @@ def run_checks(path: str | Path, overrides: list[str] = (), *, data: bool = True
     add(check_params(cfg, shapes))
     add(check_memory(cfg, shapes))
     if measure:
-        add(check_measured(cfg, shapes))
+        add(check_measured(cfg, shapes, lanes))
     add(check_disk(cfg, shapes))
     add(check_save_dir(cfg))
     add(check_compute())

@@ -15,7 +15,7 @@ from abot.errors import AbotError
 from abot.finetune.batches import (DataStats, ExampleStream, describe, encode_conversation, encode_pair,
                                    example_eval_batches)
 from abot.finetune.sources import chat, oasst1, oasst_conversations, preferences
-from abot.finetune.stage import check_stage, stage_loss
+from abot.stage import check_stage, stage_loss
 from abot.finetune.synthetic import chat_rows, preference_rows, write_dataset
 
 
@@ -312,7 +312,7 @@ def test_init_from_checks_the_model_section_the_tokenizer_and_the_shapes(tmp_pat
 
     from abot.build import build_model
     from abot.checkpoint import save_checkpoint
-    from abot.finetune.stage import load_init_params
+    from abot.restore import load_init_params
 
     pre = cfg()
     params = build_model(pre).init(mx.random.key(0))

@@ -12,7 +12,7 @@ from mlx.utils import tree_map
 
 from abot.config import ModelConfig
 from abot.finetune.losses import dpo, ipo, sequence_logprobs, sft
-from abot.finetune.stage import add_reference_logprobs, make_reference_fn
+from abot.finetune.reference import add_reference_logprobs, make_reference_fn
 from abot.models.transformer import transformer
 from abot.optim.base import Optimizer
 from abot.step import init_state, make_train_step

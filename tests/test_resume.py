@@ -203,7 +203,7 @@ def test_sigterm_saves_the_current_step_and_resume_checks_config_changes(tokeniz
     out = cli(*run_args(tokenizer, run, *steps, "model.d_model=32"), "--resume", cwd=tmp_path)
     assert out.returncode == 2 and "Traceback" not in out.stdout + out.stderr, out.stdout + out.stderr
     message = " ".join(out.stdout.split())
-    assert "cannot resume, the config changes the model's shape (model.d_model: 64 -> 32)" in message, message
+    assert "cannot resume: the config's model section does not match the checkpoint's (model.d_model: checkpoint 64, config 32)" in message, message
     assert "start a new run in another save_dir" in message
 
     changed = [f"train.total_steps={final + 3}", "train.lr=1e-3", "train.ckpt_interval=3", "train.log_interval=1",

@@ -339,3 +339,43 @@ def test_estimate_close_to_measured_peak(shape, ckpt):
     # Never more than 15% low; up to 20% high: the measured peak of the same step moves by a few percent
     # between runs (MLX's evaluation order), and erring high only makes verify cautious.
     assert -0.15 < error < 0.20, (r, error)
+
+
+# ------------------------------------------------------------------ verify --measure runs train's step (slow)
+
+SAME_STEP = r"""
+import json, sys
+import abot
+import mlx.core as mx
+from abot.config import config_from_dict
+from abot.memory import measure_step_peak
+from abot.run import build_run, decide_lanes
+
+cfg = config_from_dict(json.loads(sys.argv[1]))
+lanes = decide_lanes(cfg.train)  # as abot train and abot verify --measure do, before MLX's first evaluation
+run = build_run(cfg, lanes=lanes, say=lambda line: None)
+state, batch = run.take_state(), run.data.prepare(next(run.data.stream))
+mx.eval(state, batch)
+mx.clear_cache()
+mx.reset_peak_memory()
+state, metrics = run.parts.step(state, batch, mx.array(1e-4, dtype=mx.float32))
+mx.eval(state, metrics)
+trained = mx.get_peak_memory()
+del state, metrics, batch, run
+measured, _ = measure_step_peak(cfg, lanes=lanes)
+print(json.dumps({"lanes": lanes, "train": trained, "measure": measured}))
+"""
+
+
+@pytest.mark.slow
+def test_measure_runs_the_step_that_train_runs(tmp_path):
+    raw = {"model": {"vocab_size": 1000, "n_layers": 2, "d_model": 128, "n_heads": 4, "dropout": 0.0},
+           "data": {"source": "stdlib_docs", "seq_len": 128},
+           "train": {"micro_batch_size": 4, "grad_accum_steps": 2, "gradient_checkpointing": False, "eval_steps": 0,
+                     "tokenizer_path": str(tmp_path / "tok.model"), "save_dir": str(tmp_path / "run")}}
+    out = subprocess.run([sys.executable, "-c", SAME_STEP, json.dumps(raw)], capture_output=True, text=True,
+                         timeout=600, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    # The same compiled step on the same shapes: the peaks agree to a few percent (MLX's evaluation order).
+    assert abs(r["measure"] - r["train"]) / r["train"] < 0.05, r

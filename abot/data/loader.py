@@ -48,16 +48,17 @@ def train_stream(cfg: Config, tokenizer, state: dict | None = None, rank: int | 
                        t.seed, d.num_workers, state=state)
 
 
-def eval_data(cfg: Config, tokenizer) -> list[np.ndarray]:
-    """The eval split's first train.eval_steps micro-batches, unshuffled, the same at every evaluation."""
+def eval_data(cfg: Config, tokenizer, split: str = "eval", n: int | None = None) -> list[np.ndarray]:
+    """The first `n` (default train.eval_steps) micro-batches of `split`, unshuffled, the same at every evaluation."""
     from abot.build import build_documents
     from abot.data.shards import check_tokenizer
 
     d, t = cfg.data, cfg.train
-    if t.eval_steps <= 0:
+    n = t.eval_steps if n is None else n
+    if n <= 0:
         return []
-    source = build_documents(cfg, "eval")
+    source = build_documents(cfg, split)
     if is_window_source(source):
         check_tokenizer(source, tokenizer)
-        return window_eval_batches(source, d.seq_len, t.micro_batch_size, t.eval_steps)
-    return eval_batches(source, tokenizer, d.seq_len, t.micro_batch_size, t.eval_steps, d.num_workers)
+        return window_eval_batches(source, d.seq_len, t.micro_batch_size, n)
+    return eval_batches(source, tokenizer, d.seq_len, t.micro_batch_size, n, d.num_workers)

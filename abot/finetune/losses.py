@@ -6,7 +6,7 @@ Batches (one micro-batch; see abot.finetune.batches):
   assistant token (its text and closing <|end|>), 0 on prompts, markers and padding.
 - DPO/IPO: {"chosen", "rejected": (B, L + 1) int32, "chosen_mask", "rejected_mask": (B, L) float32 over the
   final assistant response only, "ref_chosen", "ref_rejected": (B,) float32}: the frozen reference model's
-  summed response log-probs, computed outside the gradient (abot.finetune.stage.make_reference_fn).
+  summed response log-probs, computed outside the gradient (abot.finetune.reference.make_reference_fn).
 
 Each loss has a `batch_kind` attribute ("conversations" or "preferences") that the stage checks.
 """
