@@ -5,9 +5,10 @@ from __future__ import annotations
 import mlx.core as mx
 from mlx.utils import tree_map_with_path
 
-from abot.optim.adamw import adamw_leaf, bias_corrections, check_adam_options, unzip, zeros_f32
-from abot.optim.base import Optimizer, Tree, spread
+from abot.optim.adamw import adamw_leaf, bias_corrections, check_adam_options
+from abot.optim.base import Optimizer, Tree
 from abot.optim.muon import check_muon_options, muon_leaf
+from abot.optim.tree import map_leaves, zeros_like_f32
 
 NOT_HIDDEN = ("embed", "head")  # path components of the token embedding and the output head
 
@@ -33,7 +34,9 @@ def muon_adamw(weight_decay: float = 0.0, momentum: float = 0.95, nesterov: bool
     check_adam_options(b1, b2, eps, weight_decay)
 
     def init_leaf(path: str, p: mx.array) -> dict:
-        return {"buf": zeros_f32(p)} if is_hidden_matrix(path, p) else {"m": zeros_f32(p), "v": zeros_f32(p)}
+        if is_hidden_matrix(path, p):
+            return {"buf": zeros_like_f32(p)}
+        return {"m": zeros_like_f32(p), "v": zeros_like_f32(p)}
 
     def init(params: Tree) -> Tree:
         return {"count": mx.array(0, dtype=mx.int32), "leaves": tree_map_with_path(init_leaf, params)}
@@ -51,7 +54,7 @@ def muon_adamw(weight_decay: float = 0.0, momentum: float = 0.95, nesterov: bool
                                  weight_decay=weight_decay)
             return p, {"m": m, "v": v}
 
-        new_params, leaves = unzip(tree_map_with_path(spread(step), params, grads, state["leaves"]), 2)
+        new_params, leaves = map_leaves(step, params, grads, state["leaves"], with_path=True)
         return new_params, {"count": count, "leaves": leaves}
 
     return Optimizer(init, update)
