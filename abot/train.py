@@ -188,7 +188,8 @@ def train(cfg: Config, resume: bool = False, console: Console | None = None, sta
     shards = cpu.parallel_shards(t.micro_batch_size) if world == 1 and not t.gradient_checkpointing else 1
     # Registry lookups first: a typo'd name fails before any slow work.
     check_stage(stage, cfg)
-    model, optimizer, schedule = build_model(cfg), build_optimizer(cfg), build_schedule(cfg)
+    model = build_model(cfg)
+    optimizer, schedule = build_optimizer(cfg, model), build_schedule(cfg)
     loss_fn = stage_loss(cfg, stage)
     from abot.verify import preflight  # save_dir writable, disk for a checkpoint, memory estimate (warn)
     preflight(cfg, lambda line: console.print(line, style="yellow", highlight=False))
