@@ -93,3 +93,10 @@ def test_memory_groups_parameters_by_declared_role(renamed):
     f = 4 * 32  # mlp_multiple 4
     assert groups == {EMBEDDING: 64 * 32, HIDDEN: 2 * (4 * 32 * 32 + 3 * 32 * f), NORM: (2 * 2 + 1) * 32}
     assert memory.model_shapes(cfg).opt_bytes == 4 * (groups[HIDDEN] + 2 * (groups[EMBEDDING] + groups[NORM])) + 4
+
+
+def test_param_role_is_not_a_config_option():
+    from abot.optim.muon_adamw import muon_adamw
+
+    with pytest.raises(TypeError, match="model's declaration"):
+        muon_adamw(param_role="hidden")

@@ -32,6 +32,8 @@ def muon_adamw(weight_decay: float = 0.0, momentum: float = 0.95, nesterov: bool
     """
     check_muon_options(momentum, ns_steps, scale, weight_decay)
     check_adam_options(b1, b2, eps, weight_decay)
+    if not callable(param_role):  # e.g. set in train.optimizer_args: it comes from the model, not the config
+        raise TypeError("muon_adamw: param_role is the model's declaration (Model.param_role), not an option")
 
     def init_leaf(path: str, p: mx.array) -> dict:
         if is_hidden_matrix(path, p, param_role):
