@@ -23,11 +23,14 @@ def build_model(cfg: Config):
     return factory(cfg.model, gradient_checkpointing=cfg.train.gradient_checkpointing)
 
 
-def build_optimizer(cfg: Config):
+def build_optimizer(cfg: Config, model=None):
+    """The configured optimizer; `model` (its `Model`) gives it the model's `param_role`, if it takes one."""
     t = cfg.train
     given = {"weight_decay": t.weight_decay}
     if t.momentum is not None:  # the guide's Muon momentum; ignored by optimizers without momentum
         given["momentum"] = t.momentum
+    if model is not None:  # which leaves are hidden matrices, embedding, head (abot.models.roles)
+        given["param_role"] = model.param_role
     return call_with_options(registry.optimizers.get(t.optimizer, "train.optimizer"), t.optimizer_args,
                              "train.optimizer_args", **given)
 

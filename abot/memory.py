@@ -80,11 +80,12 @@ class Shapes:
     n_params: int
     param_bytes: int  # float32 master weights
     opt_bytes: int
-    groups: dict = field(default_factory=dict)  # "embedding", "blocks", "head", "norms" -> parameter count
+    groups: dict = field(default_factory=dict)  # role (abot.models.roles: "embedding", "hidden", ...) -> count
 
 
 def model_shapes(cfg: Config) -> Shapes:
-    """Parameter and optimizer-state sizes, computed from shapes only.
+    """Parameter and optimizer-state sizes, computed from shapes only; parameters counted by the role the
+    model declares for them (`Model.param_role`).
 
     MLX is lazy: `model.init(key)` and `optimizer.init(params)` build graphs whose arrays have shapes and
     dtypes but no memory until evaluated, and nothing here evaluates them. Works for plugin models and
@@ -95,14 +96,14 @@ def model_shapes(cfg: Config) -> Shapes:
 
     from abot.build import build_model, build_optimizer
 
-    params = build_model(cfg).init(mx.random.key(0))
+    model = build_model(cfg)
+    params = model.init(mx.random.key(0))
     flat = tree_flatten(params)
-    opt_state = build_optimizer(cfg).init(_as_float32(params))  # init_state hands it float32 masters
+    opt_state = build_optimizer(cfg, model).init(_as_float32(params))  # init_state hands it float32 masters
     groups: dict[str, int] = {}
     for path, leaf in flat:
-        top = path.split(".")[0]
-        group = {"embed": "embedding", "head": "head", "blocks": "blocks"}.get(top, "norms")
-        groups[group] = groups.get(group, 0) + leaf.size
+        role = model.param_role(path, leaf)
+        groups[role] = groups.get(role, 0) + leaf.size
     n = sum(v.size for _, v in flat)
     return Shapes(n_params=n, param_bytes=4 * n,
                   opt_bytes=sum(v.nbytes for _, v in tree_flatten(opt_state)), groups=groups)

@@ -49,7 +49,8 @@ class StepParts:
 def build_step(cfg: Config, stage: Stage, lanes: int = 1, group=None) -> StepParts:
     """Registry lookups for `cfg` (a typo'd name fails here, before any slow work), then the train step."""
     t = cfg.train
-    model, optimizer, schedule = build_model(cfg), build_optimizer(cfg), build_schedule(cfg)
+    model = build_model(cfg)
+    optimizer, schedule = build_optimizer(cfg, model), build_schedule(cfg)
     loss = stage_loss(cfg, stage)
     step = make_train_step(model, loss, optimizer, grad_accum_steps=t.grad_accum_steps, max_grad_norm=t.max_grad_norm,
                            precision=t.precision, compile=t.compile, group=group, shards=lanes)

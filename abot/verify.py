@@ -143,8 +143,9 @@ def check_params(cfg: Config, shapes: Shapes | None = None) -> Check:
     shapes = shapes or model_shapes(cfg)
     g = shapes.groups
     parts = [f"embedding {g.get('embedding', 0) / 1e6:.2f}M"]
-    if g.get("blocks"):
-        parts.append(f"{cfg.model.n_layers} blocks x {g['blocks'] / cfg.model.n_layers / 1e6:.2f}M")
+    if g.get("hidden"):  # roles the model declares (abot.models.roles)
+        n = cfg.model.n_layers
+        parts.append(f"hidden matrices {g['hidden'] / 1e6:.2f}M ({n} layers x {g['hidden'] / n / 1e6:.2f}M)")
     parts.append(f"head {g['head'] / 1e6:.2f}M" if g.get("head") else "head tied to the embedding")
     return Check("parameters", PASS, f"{shapes.n_params / 1e6:.2f}M ({', '.join(parts)}); "
                                      f"{_gib(shapes.param_bytes)} in float32")

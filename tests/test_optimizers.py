@@ -300,7 +300,7 @@ def test_registry_finds_optimizers_and_suggests_names():
 
 
 def test_spread_places_leaves_on_the_least_loaded_stream_without_changing_the_update():
-    from abot.optim.base import leaf_streams, spread
+    from abot.optim.placement import leaf_streams, spread
 
     streams = [mx.new_stream(mx.cpu), mx.new_stream(mx.cpu)]
     leaves = {"a": mx.ones((100,)), "b": mx.ones((60,)), "c": mx.ones((30,)), "d": mx.ones((20,))}

@@ -13,6 +13,7 @@ from typing import Any, Callable, NamedTuple
 import mlx.core as mx
 
 from abot.config import ModelConfig
+from abot.models.roles import EMBEDDING, HEAD, HIDDEN, NORM, ParamRole, conventional_role
 from abot.ops.attention import causal_attention
 from abot.ops.dropout import dropout
 from abot.ops.mlp import gelu_mlp, swiglu
@@ -31,12 +32,15 @@ class Model(NamedTuple):
         key: PRNG key for dropout (None: no dropout). cache: a KV cache from `new_cache`, in which
         case apply returns (logits, cache) and `tokens` continue the cached positions.
     new_cache() -> empty KV cache
+    param_role(path, leaf) -> role of one parameter (abot.models.roles): which leaves are hidden matrices
+        (Muon's), the embedding, the head, norms. A model that declares none gets `conventional_role`.
     """
 
     init: Callable[[mx.array], Params]
     apply: Callable[..., Any]
     new_cache: Callable[[], KVCache]
     config: Any
+    param_role: ParamRole = conventional_role
 
 
 def hidden_size(cfg: ModelConfig) -> int:
@@ -69,6 +73,16 @@ def init_params(cfg: ModelConfig, key: mx.array) -> Params:
     if not cfg.tie_embeddings:
         params["head"] = normal((d, cfg.vocab_size))
     return params
+
+
+# init_params' leaves by name (the last component of their path).
+PARAM_ROLES = {"embed": EMBEDDING, "head": HEAD, "final_norm": NORM, "attn_norm": NORM, "mlp_norm": NORM,
+               **{w: HIDDEN for w in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")}}
+
+
+def param_role(path: str, leaf: mx.array) -> str:
+    """The role of one of `init_params`' leaves, from its name ("blocks.0.wq" -> hidden)."""
+    return PARAM_ROLES[path.split(".")[-1]]
 
 
 def count_params(params: Params) -> int:
@@ -136,4 +150,5 @@ def transformer(cfg: ModelConfig, gradient_checkpointing: bool = False) -> Model
             cfg, params, tokens, key, cache, gradient_checkpointing and cache is None),
         new_cache=new_cache,
         config=cfg,
+        param_role=param_role,
     )

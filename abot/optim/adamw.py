@@ -1,32 +1,12 @@
-"""AdamW with decoupled weight decay, as torch.optim.AdamW computes it.
-
-Also home to the small per-leaf pieces the other optimizers reuse: the decoupled weight decay rule,
-the AdamW step of one leaf, and `unzip` for tree_maps that return several values per leaf.
-"""
+"""AdamW with decoupled weight decay, as torch.optim.AdamW computes it (muon_adamw reuses its leaf step)."""
 
 from __future__ import annotations
 
 import mlx.core as mx
-from mlx.utils import tree_map
 
-from abot.optim.base import Optimizer, Tree, spread
-
-
-def is_decayed(leaf: mx.array) -> bool:
-    """Weight decay applies to matrices (ndim >= 2) only: norm gains and biases are never decayed."""
-    return leaf.ndim >= 2
-
-
-def decoupled_weight_decay(param: mx.array, lr: mx.array, weight_decay: float) -> mx.array:
-    """p * (1 - lr * wd) on decayed leaves (Loshchilov & Hutter 2019, torch.optim.AdamW's order)."""
-    if weight_decay == 0.0 or not is_decayed(param):
-        return param
-    return param * (1.0 - lr * weight_decay)
-
-
-def unzip(tree: Tree, n: int) -> tuple[Tree, ...]:
-    """A tree whose leaves are n-tuples -> n trees of the same structure."""
-    return tuple(tree_map(lambda t, i=i: t[i], tree, is_leaf=lambda x: isinstance(x, tuple)) for i in range(n))
+from abot.optim.base import Optimizer, Tree
+from abot.optim.tree import map_leaves, zeros_like_f32
+from abot.optim.weight_decay import decoupled_weight_decay
 
 
 def bias_corrections(count: mx.array, b1: float, b2: float) -> tuple[mx.array, mx.array]:
@@ -51,11 +31,6 @@ def adamw_leaf(param: mx.array, grad: mx.array, m: mx.array, v: mx.array, lr: mx
     return p.astype(param.dtype), m, v
 
 
-def zeros_f32(leaf: mx.array) -> mx.array:
-    """A float32 zero moment shaped like `leaf` (moments stay float32 whatever the parameter dtype)."""
-    return mx.zeros(leaf.shape, dtype=mx.float32)
-
-
 def check_adam_options(b1: float, b2: float, eps: float, weight_decay: float) -> None:
     """Reject values that make Adam diverge or divide by zero, naming the option."""
     for name, beta in (("b1", b1), ("b2", b2)):
@@ -76,8 +51,8 @@ def adamw(weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.95, eps: flo
     check_adam_options(b1, b2, eps, weight_decay)
 
     def init(params: Tree) -> Tree:
-        return {"count": mx.array(0, dtype=mx.int32), "m": tree_map(zeros_f32, params),
-                "v": tree_map(zeros_f32, params)}
+        return {"count": mx.array(0, dtype=mx.int32), "m": zeros_like_f32(params),
+                "v": zeros_like_f32(params)}
 
     def update(grads: Tree, state: Tree, params: Tree, lr: mx.array) -> tuple[Tree, Tree]:
         count = state["count"] + 1
@@ -86,7 +61,7 @@ def adamw(weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.95, eps: flo
         def step(p, g, m, v):
             return adamw_leaf(p, g, m, v, lr, corrections, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
 
-        new_params, m, v = unzip(tree_map(spread(step), params, grads, state["m"], state["v"]), 3)
+        new_params, m, v = map_leaves(step, params, grads, state["m"], state["v"])
         return new_params, {"count": count, "m": m, "v": v}
 
     return Optimizer(init, update)

@@ -11,10 +11,10 @@ from __future__ import annotations
 import math
 
 import mlx.core as mx
-from mlx.utils import tree_map
 
-from abot.optim.adamw import decoupled_weight_decay, unzip, zeros_f32
-from abot.optim.base import Optimizer, Tree, spread
+from abot.optim.base import Optimizer, Tree
+from abot.optim.tree import map_leaves, zeros_like_f32
+from abot.optim.weight_decay import decoupled_weight_decay
 
 # Quintic Newton-Schulz coefficients (a, b, c) from Keller Jordan's Muon post: tuned so that 5 steps
 # push every singular value of a Frobenius-normalised matrix into roughly [0.7, 1.2] (not exactly 1:
@@ -129,14 +129,14 @@ def muon(weight_decay: float = 0.0, momentum: float = 0.95, nesterov: bool = Tru
     check_muon_options(momentum, ns_steps, scale, weight_decay)
 
     def init(params: Tree) -> Tree:
-        return {"buf": tree_map(zeros_f32, params)}
+        return {"buf": zeros_like_f32(params)}
 
     def update(grads: Tree, state: Tree, params: Tree, lr: mx.array) -> tuple[Tree, Tree]:
         def step(p, g, buf):
             return muon_leaf(p, g, buf, lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
                              scale=scale, weight_decay=weight_decay)
 
-        new_params, bufs = unzip(tree_map(spread(step), params, grads, state["buf"]), 2)
+        new_params, bufs = map_leaves(step, params, grads, state["buf"])
         return new_params, {"buf": bufs}
 
     return Optimizer(init, update)

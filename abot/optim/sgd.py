@@ -5,8 +5,9 @@ from __future__ import annotations
 import mlx.core as mx
 from mlx.utils import tree_map
 
-from abot.optim.adamw import decoupled_weight_decay, unzip, zeros_f32
-from abot.optim.base import Optimizer, Tree, spread
+from abot.optim.base import Optimizer, Tree
+from abot.optim.tree import map_leaves, zeros_like_f32
+from abot.optim.weight_decay import decoupled_weight_decay
 
 
 def sgd_leaf(param: mx.array, grad: mx.array, buf: mx.array | None, lr: mx.array, *, momentum: float,
@@ -37,7 +38,7 @@ def sgd(weight_decay: float = 0.0, momentum: float = 0.0, nesterov: bool = False
         raise ValueError(f"sgd: weight_decay must be >= 0, got {weight_decay}")
 
     def init(params: Tree) -> Tree:
-        return {"buf": tree_map(zeros_f32, params)} if momentum else {}
+        return {"buf": zeros_like_f32(params)} if momentum else {}
 
     def update(grads: Tree, state: Tree, params: Tree, lr: mx.array) -> tuple[Tree, Tree]:
         def step(p, g, buf=None):
@@ -45,7 +46,7 @@ def sgd(weight_decay: float = 0.0, momentum: float = 0.0, nesterov: bool = False
 
         if not momentum:
             return tree_map(lambda p, g: step(p, g)[0], params, grads), state
-        new_params, bufs = unzip(tree_map(spread(step), params, grads, state["buf"]), 2)
+        new_params, bufs = map_leaves(step, params, grads, state["buf"])
         return new_params, {"buf": bufs}
 
     return Optimizer(init, update)

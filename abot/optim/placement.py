@@ -1,0 +1,49 @@
+"""Where an update's leaves run: a placement hint that spreads them over the per-core MLX streams.
+
+abot.step enters `leaf_streams` around `optimizer.update`; `abot.optim.tree.map_leaves` applies `spread`,
+so an optimizer written with `map_leaves` uses every core without knowing about cores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Callable
+
+import mlx.core as mx
+
+_LEAF_STREAMS: contextvars.ContextVar[tuple] = contextvars.ContextVar("abot_leaf_streams", default=())
+
+
+@contextlib.contextmanager
+def leaf_streams(streams):
+    """Inside, `spread` hands an update's leaves out over these MLX streams (abot.step, parallel shards).
+
+    A placement hint, nothing more: which stream computes a leaf never changes its value.
+    """
+    token = _LEAF_STREAMS.set(tuple(streams))
+    try:
+        yield
+    finally:
+        _LEAF_STREAMS.reset(token)
+
+
+def spread(leaf_update: Callable) -> Callable:
+    """`leaf_update` (mapped over the parameter tree) with each leaf on the least-loaded stream so far.
+
+    On the CPU a stream runs on one core; with a train step's parallel shards each stream's BLAS gets one
+    core too, so an update left on one stream (Muon's Newton-Schulz matmuls especially) would idle the
+    rest. Load is counted in parameters; without `leaf_streams` this returns `leaf_update` unchanged.
+    """
+    streams = _LEAF_STREAMS.get()
+    if not streams:
+        return leaf_update
+    load = [0] * len(streams)
+
+    def placed(*args):
+        i = load.index(min(load))
+        load[i] += next(a.size for a in args if isinstance(a, mx.array))
+        with mx.stream(streams[i]):
+            return leaf_update(*args)
+
+    return placed
