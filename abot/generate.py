@@ -68,7 +68,7 @@ def load_checkpoint_config(ckpt, path, overrides: Sequence[str] = ()) -> Config:
     raw = ckpt.meta.get("config")
     if not isinstance(raw, dict):
         raise AbotError(f"{path}: the checkpoint has no config in its meta; give a checkpoint written by abot train")
-    return config_from_dict(raw, f"{path} (its config)", overrides)
+    return config_from_dict(raw, f"{path} (its config)", overrides, stored=True)
 
 
 def resolve_tokenizer(cfg: Config, meta: dict, ckpt_path, tokenizer_path: str | Path | None = None) -> Tokenizer:
