@@ -98,9 +98,13 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # The "section.key" names the user wrote (YAML or overrides), even at their default value: abot.unread
+    # warns about those the chosen components ignore. Not a setting: not in to_dict, not compared.
+    given: frozenset = field(default=frozenset(), compare=False, repr=False)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The settings, section by section (what a checkpoint stores); `given` is not one of them."""
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
@@ -212,12 +216,16 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return out
 
 
-def config_from_dict(raw: Any, where: str = "config", overrides: list[str] = ()) -> Config:
+def config_from_dict(raw: Any, where: str = "config", overrides: list[str] = (), stored: bool = False) -> Config:
+    """A checked Config from a mapping plus overrides. `stored`: `raw` is a checkpoint's saved config, which
+    abot wrote with every key, so only the overrides count as given (Config.given)."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: the top level must be a mapping with sections model, data, train")
     raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    given = set() if stored else {f"{name}.{key}" for name, section in raw.items()
+                                  if name in SECTIONS and isinstance(section, dict) for key in section}
     # Every key and type problem across the sections and the overrides is collected, then the cross-field
     # rules run on what is left; all of them are reported in one ConfigError (its `.problems` lists them).
     problems: list[str] = []
@@ -225,12 +233,14 @@ def config_from_dict(raw: Any, where: str = "config", overrides: list[str] = ())
         try:
             for key, value in parse_overrides([item]):
                 _set_dotted(raw, key, value, "command line")
+                given.add(".".join(key.split(".")[:2]))  # data.source_args.x=1 gives data.source_args
         except ConfigError as err:
             problems.append(str(err))
     for key in list(raw):
         if key not in SECTIONS:
             problems.append(f"unknown section '{key}'{_suggest(str(key), SECTIONS)}")
-    cfg = Config(**{name: _build_section(cls, raw.get(name), name, problems) for name, cls in SECTIONS.items()})
+    cfg = Config(**{name: _build_section(cls, raw.get(name), name, problems) for name, cls in SECTIONS.items()},
+                 given=frozenset(given))
     # A key that failed its type check holds its default: cross-field rules naming it would mislead.
     failed = {m.group(1) for p in problems for m in [re.match(r"((?:model|data|train)(?:\.\w+)?):", p)] if m}
     problems += [p for p in validation_problems(cfg)

@@ -57,7 +57,7 @@ def eval_config(ckpt_meta_config: dict, where: str, data: Sequence[str] = ()):
             raw["data"] = _data_section(item)
         else:
             raise ConfigError(f"--data {item!r}: neither a YAML config file nor a data.key=value override")
-    return config_from_dict(raw, where, overrides)
+    return config_from_dict(raw, where, overrides, stored=True)
 
 
 def scoring_loss(cfg: Config, stage: Stage):

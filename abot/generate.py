@@ -55,7 +55,7 @@ def load_for_inference(ckpt_path: str | Path, tokenizer_path: str | Path | None 
                        overrides: Sequence[str] = ()) -> Loaded:
     """Checkpoint or run folder -> model (built through the registry from its own config), params, tokenizer."""
     opened = open_checkpoint(ckpt_path)
-    cfg = opened.config(lambda raw, where: config_from_dict(raw, where, overrides))
+    cfg = opened.config(lambda raw, where: config_from_dict(raw, where, overrides, stored=True))
     tokenizer = checkpoint_tokenizer(cfg, opened, tokenizer_path)
     return Loaded(build_model(cfg), opened.params(), tokenizer, cfg, opened.step, opened.path)
 

@@ -45,7 +45,8 @@ class Opened:
         if not isinstance(raw, dict):
             raise AbotError(f"{self.path}: the checkpoint has no config in its meta; give a checkpoint written by "
                             "abot train, sft or dpo")
-        return (make or config_from_dict)(raw, f"{self.path} (its config)")
+        where = f"{self.path} (its config)"
+        return make(raw, where) if make else config_from_dict(raw, where, stored=True)
 
     def params(self) -> dict:
         """The model parameters: a training state's, or a bare {"params": ...} tree."""

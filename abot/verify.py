@@ -1,9 +1,9 @@
 """Setup verification: the checks behind `abot verify CONFIG` and the pre-flight checks of `abot train`.
 
 Each check is a small function returning a `Check` record (name, status pass/warn/fail, what was found, the
-fix). `run_checks` runs all of them for `abot verify`; `preflight` runs the cheap ones (save_dir writable,
-disk space for a checkpoint, memory estimate vs this machine, precision) before `abot train` starts, and stops
-it with the same messages when one fails.
+fix). `run_checks` runs all of them for `abot verify`; `preflight` runs the cheap ones (keys nothing reads,
+save_dir writable, disk space for a checkpoint, memory estimate vs this machine, precision) before `abot train`
+starts, and stops it with the same messages when one fails.
 
 The memory estimate and its formula are in abot/memory.py.
 """
@@ -21,6 +21,7 @@ from abot.config import Config, load_config
 from abot.errors import AbotError, ConfigError
 from abot.memory import Shapes, estimate_memory, machine_memory, measure_step_peak, model_shapes
 from abot.run import decide_lanes
+from abot.unread import unread_keys
 
 PASS, WARN, FAIL, SKIP = "pass", "warn", "fail", "skip"
 GIB = 2**30
@@ -83,6 +84,11 @@ def _registry_problems(cfg: Config) -> list[str]:
     except AbotError as err:
         problems.append(str(err))
     return problems
+
+
+def check_unread(cfg: Config) -> list[Check]:
+    """One warning per key the user gave that the chosen source, optimizer or schedule never reads."""
+    return [Check("unread key", WARN, u.detail, u.fix) for u in unread_keys(cfg)]
 
 
 # --------------------------------------------------------------------------------------------- tokenizer
@@ -338,6 +344,8 @@ def run_checks(path: str | Path, overrides: list[str] = (), *, data: bool = True
         add(check_compute())
         add(Check("precision", SKIP, "needs a valid config"))
         return results
+    for check in check_unread(cfg):  # only when a given key is unread: a clean config has no such line
+        add(check)
     add(check_tokenizer(cfg))
     add(check_dataset(cfg) if data else Check("dataset", SKIP, "skipped (--no-data)"))
     shapes = model_shapes(cfg)
@@ -353,13 +361,14 @@ def run_checks(path: str | Path, overrides: list[str] = (), *, data: bool = True
 
 
 def preflight(cfg: Config, say: Callable[[str], None] = print) -> list[Check]:
-    """`abot train`'s cheap checks: save_dir writable, disk for one checkpoint, memory and precision (warn only).
+    """`abot train`'s cheap checks: keys nothing reads (warn), save_dir writable, disk for one checkpoint, memory
+    and precision (warn only).
 
     Warnings are printed; a failure raises AbotError with the same message `abot verify` shows.
     """
     shapes = model_shapes(cfg)
-    results = [check_save_dir(cfg), check_disk(cfg, shapes, copies=1), check_memory(cfg, shapes, can_fail=False),
-               check_precision(cfg)]
+    results = [*check_unread(cfg), check_save_dir(cfg), check_disk(cfg, shapes, copies=1),
+               check_memory(cfg, shapes, can_fail=False), check_precision(cfg)]
     failed = [c for c in results if c.failed]
     for check in results:
         if check.status == WARN:

@@ -304,3 +304,6 @@ def shards(data: DataConfig, split: str, seed: int) -> ShardSet:
         raise ValueError(f"a data source's split is 'train' or 'eval', got {split!r}")
     return ShardSet(Path(data.dataset).expanduser(), split)
 
+
+shards.reads = ("dataset",)  # the folder; how its documents were read is fixed in its meta.json
+

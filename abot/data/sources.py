@@ -16,6 +16,10 @@ The contract every source (built-in or plugin, registry kind `datasets`) follows
 A source may instead return token windows ready for training: an object with random access to a token
 stream (`abot.data.windows.WindowSource`, e.g. `shards` in abot.data.shards, pre-tokenized by `abot data
 prepare`). Those skip tokenization and resume in O(1) (`abot.data.windows.WindowStream`).
+
+A source may declare `reads`: the `data.*` keys it reads beyond the batch pipeline's own (seq_len,
+shuffle_buffer, num_workers, ...), e.g. `huggingface.reads = ("dataset", ...)`. A key the user sets that it
+does not read then gets a warning naming it (abot.unread); a source without `reads` gets none.
 """
 
 from __future__ import annotations
@@ -40,6 +44,10 @@ HUB_PROBE_TIMEOUT_S = 1.0
 
 # Loaders that ship inside `datasets` and read local files (data.dataset: json + data.data_files: ...).
 _FALLBACK_PACKAGED = frozenset({"json", "text", "parquet", "csv", "arrow", "pandas", "webdataset", "xml"})
+
+# The data keys that opening a dataset and picking its split read (_open, _rows, huggingface_rows): every
+# source built on them reads these (their `reads`), the text source also data.text_field.
+ROWS_READS = ("dataset", "config", "split", "eval_split", "eval_fraction", "data_files", "cache_dir", "streaming")
 
 
 def _check_split(split: str) -> None:
@@ -69,6 +77,9 @@ def stdlib_docs(data: DataConfig, split: str, seed: int, shuffle_buffer: int = 1
     return documents
 
 
+stdlib_docs.reads = ()  # the built-in corpus: no data key of its own (its shuffle buffer is a source_arg)
+
+
 # --- Hugging Face datasets: the Hub, local folders, or local files through a packaged loader ------------
 
 def huggingface(data: DataConfig, split: str, seed: int, doc_shuffle_buffer: int = 0,
@@ -94,6 +105,9 @@ def huggingface(data: DataConfig, split: str, seed: int, doc_shuffle_buffer: int
         yield from texts
 
     return documents
+
+
+huggingface.reads = ROWS_READS + ("text_field",)
 
 
 class Rows:

@@ -7,9 +7,10 @@ determinism rules), except for what one example is:
 - `preferences` yields pairs: {"chosen": conversation, "rejected": conversation}.
 
 Each source function carries `produces = "conversations"` or `"preferences"` (text sources have none), so
-`abot sft` / `abot dpo` refuse a source of the wrong kind with a clear message. Sources pass examples on as
-the data has them; checking them (no assistant turn, empty messages, differing prompts, ...) is the batch
-builder's job (abot.finetune.batches), which counts what it drops.
+`abot sft` / `abot dpo` refuse a source of the wrong kind with a clear message, and `reads`, the data keys
+it reads (abot.unread warns about the others). Sources pass examples on as the data has them; checking
+them (no assistant turn, empty messages, differing prompts, ...) is the batch builder's job
+(abot.finetune.batches), which counts what it drops.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from abot.config import DataConfig
 from abot.data.pipeline import buffer_shuffle, epoch_rng
-from abot.data.sources import _check_split, _open, _rows, field_names, huggingface_rows
+from abot.data.sources import ROWS_READS, _check_split, _open, _rows, field_names, huggingface_rows
 from abot.errors import AbotError
 
 Examples = Callable[[int], Iterable[Any]]
@@ -67,6 +68,7 @@ def chat(data: DataConfig, split: str, seed: int, messages_field: str = "message
 
 
 chat.produces = "conversations"
+chat.reads = ROWS_READS  # not data.text_field: source_args.messages_field names the field
 
 
 # --- preference pairs (HuggingFaceH4/ultrafeedback_binarized and alike) --------------------------------
@@ -97,6 +99,7 @@ def preferences(data: DataConfig, split: str, seed: int, chosen_field: str = "ch
 
 
 preferences.produces = "preferences"
+preferences.reads = ROWS_READS  # not data.text_field: source_args name the fields
 
 
 # --- OpenAssistant/oasst1: one row per message, conversations are paths through each tree ----------------
@@ -196,3 +199,4 @@ def oasst1(data: DataConfig, split: str, seed: int, lang: Any = "en", paths: str
 
 
 oasst1.produces = "conversations"
+oasst1.reads = ROWS_READS  # not data.text_field: oasst1 rows have fixed fields

@@ -139,6 +139,14 @@ losses = Registry("losses", {
 KINDS: dict[str, Registry] = {r.kind: r for r in (models, optimizers, schedules, datasets, losses)}
 
 
+def accepts(fn: Callable, name: str) -> bool:
+    """Whether `fn` takes a keyword argument `name` (by that name, or through **kwargs)."""
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
 def call_with_options(fn: Callable, options: dict, key: str, **given) -> Any:
     """Call a registered factory with `given` (those it accepts) plus the user's `options` from YAML.
 
@@ -147,15 +155,14 @@ def call_with_options(fn: Callable, options: dict, key: str, **given) -> Any:
     import inspect
 
     params = inspect.signature(fn).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     accepted = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     for name in options:
-        if name not in params and not takes_any:
+        if not accepts(fn, name):
             close = difflib.get_close_matches(name, accepted, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else "."
             raise AbotError(f"{key}: unknown option '{name}' for {getattr(fn, '__name__', fn)}{hint} "
                             f"It accepts: {', '.join(accepted) or 'nothing'}")
-    kwargs = {k: v for k, v in given.items() if k in params or takes_any}
+    kwargs = {k: v for k, v in given.items() if accepts(fn, k)}
     try:
         return fn(**{**kwargs, **options})
     except (ValueError, TypeError) as err:  # a factory rejecting an option value

@@ -27,3 +27,6 @@ def textfiles(data, split: str, seed: int, path: str, pattern: str = "*.txt"):
             yield chosen[i].read_text(encoding="utf-8", errors="replace")
 
     return documents
+
+
+textfiles.reads = ("eval_fraction",)  # the data keys it reads: abot warns about others the user sets (data.dataset, ...)
