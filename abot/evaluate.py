@@ -19,11 +19,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import yaml
-
-import abot  # noqa: F401  (BLAS before mlx.core)
-
 import mlx.core as mx
+import yaml
 from mlx.utils import tree_map
 
 from abot import registry

@@ -32,11 +32,8 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-
-import abot  # noqa: F401  (BLAS before mlx.core)
-
 import mlx.core as mx
+import numpy as np
 
 from abot.chat_template import END_ID
 from abot.checkpoint import load_checkpoint

@@ -23,8 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-import abot  # noqa: F401  (BLAS before mlx.core)
-
 import mlx.core as mx
 
 from abot.build import build_model
