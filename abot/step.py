@@ -57,10 +57,10 @@ def batch_slices(micro, n: int) -> list:
 def on_streams(fn: Callable, streams: list, micro, key: mx.array | None = None):
     """`fn(part, key) -> ((loss, aux), rest)` over equal parts of a micro-batch, one per stream, combined.
 
-    The result is the whole micro-batch's: each part's loss is a mean over its own examples or tokens, so a
-    loss whose parts can hold unequal counts (masked tokens) reports its count as aux["loss_weight"], and the
-    parts are weighted by it; otherwise they weigh the same. loss_weight is removed from aux either way. With
-    no streams, or a batch they do not divide, `fn` runs once on the whole micro-batch.
+    The result is the whole micro-batch's: each part's loss is a mean over its own items, so a loss that
+    reports the count of items it averages over as aux["loss_weight"] has its parts weighted by those counts
+    (exact for masked tokens); otherwise the parts weigh the same. loss_weight is removed from aux either way.
+    With no streams, or a batch they do not divide, `fn` runs once on the whole micro-batch.
     """
     n = len(streams)
     if n < 2 or tree_flatten(micro)[0][1].shape[0] % n:
