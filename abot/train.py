@@ -19,7 +19,7 @@ from mlx.utils import tree_flatten
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from abot import __version__, cpu, device
+from abot import __version__
 from abot.build import build_model, build_optimizer, build_schedule, ensure_tokenizer
 from abot.checkpoint import (latest_checkpoint, list_checkpoints, load_checkpoint, save_rotating,
                              verify_checkpoint)
@@ -30,6 +30,8 @@ from abot.finetune.batches import describe as describe_data
 from abot.finetune.stage import SEQUENCES_PER_EXAMPLE, check_stage, load_init_params, stage_data, stage_loss
 from abot.metrics import NullLogger, RunLogger
 from abot.models.transformer import count_params
+from abot.platform import device
+from abot.platform.lanes import parallel_lanes
 from abot.step import init_state, make_eval_step, make_train_step
 
 # Model keys that may change between a checkpoint and its resumed run (everything else changes shapes).
@@ -185,7 +187,7 @@ def train(cfg: Config, resume: bool = False, console: Console | None = None, sta
     t, d = cfg.train, cfg.data
     # Before MLX's first evaluation (it fixes the evaluation order then). Ranks already share the cores;
     # checkpointed steps keep their memory saving only on one stream.
-    shards = cpu.parallel_shards(t.micro_batch_size) if world == 1 and not t.gradient_checkpointing else 1
+    lanes = parallel_lanes(t.micro_batch_size) if world == 1 and not t.gradient_checkpointing else 1
     # Registry lookups first: a typo'd name fails before any slow work.
     check_stage(stage, cfg)
     model, optimizer, schedule = build_model(cfg), build_optimizer(cfg), build_schedule(cfg)
@@ -229,14 +231,14 @@ def train(cfg: Config, resume: bool = False, console: Console | None = None, sta
         eval_data = build_eval_data(cfg, tokenizer)
     else:  # conversations or preference pairs (abot.finetune)
         finetune = stage_data(stage, cfg, tokenizer, model, loss_fn, reference=init_params, data_state=data_state,
-                              say=console.print, shards=shards)
+                              say=console.print, lanes=lanes)
         stream, eval_data = finetune.stream, finetune.eval_batches
-    if shards > 1:
-        console.print(f"cpu: each micro-batch runs as {shards} parallel shards (one MLX stream per core)")
+    if lanes > 1:
+        console.print(f"cpu: each micro-batch runs as {lanes} parallel lanes (one MLX stream per core)")
     step_fn = make_train_step(model, loss_fn, optimizer, grad_accum_steps=t.grad_accum_steps,
                               max_grad_norm=t.max_grad_norm, precision=t.precision, compile=t.compile,
-                              group=group, shards=shards)
-    eval_fn = make_eval_step(model, loss_fn, compile=t.compile, shards=shards)
+                              group=group, lanes=lanes)
+    eval_fn = make_eval_step(model, loss_fn, compile=t.compile, lanes=lanes)
     prepare, run_eval = mx.array, lambda params: evaluate(eval_fn, params, eval_data) if eval_data else {}
     if finetune:
         prepare, run_eval = finetune.prepare, finetune.evaluate

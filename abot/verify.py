@@ -20,6 +20,7 @@ from typing import Callable
 from abot.config import Config, load_config
 from abot.errors import AbotError, ConfigError
 from abot.memory import Shapes, estimate_memory, machine_memory, measure_step_peak, model_shapes
+from abot.platform import PlatformStatus, prepare
 
 PASS, WARN, FAIL, SKIP = "pass", "warn", "fail", "skip"
 GIB = 2**30
@@ -265,21 +266,22 @@ def check_save_dir(cfg: Config) -> Check:
 
 # -------------------------------------------------------------------------------------------- compute
 
-def check_compute() -> Check:
+def check_compute(status: PlatformStatus | None = None) -> Check:
     """Which device and BLAS MLX uses, and its measured 512^3 sgemm speed (next to numpy's on the CPU: a
-    busy machine slows both, a reference BLAS only MLX)."""
+    busy machine slows both, a reference BLAS only MLX). `status`: abot.platform.prepare()'s, by default."""
     import mlx.core as mx
 
-    from abot import cpu, device
+    from abot.platform import backends, device
 
+    status = status or prepare()
     gflops = device.sgemm_gflops()
-    if conflict := device.backend_conflict():
-        return Check("device", WARN, f"{device.describe()}; {conflict[0]}", conflict[1])
+    if conflict := backends.backend_conflict():
+        return Check("device", WARN, f"{device.describe(status)}; {conflict[0]}", conflict[1])
     if mx.default_device() == mx.gpu:
-        return Check("device", PASS, f"{device.describe()}; 512^3 sgemm {gflops:,.0f} GFLOP/s")
+        return Check("device", PASS, f"{device.describe(status)}; 512^3 sgemm {gflops:,.0f} GFLOP/s")
     reference = device.numpy_sgemm_gflops()
-    detail = f"{device.describe()}; 512^3 sgemm {gflops:,.1f} GFLOP/s (numpy: {reference:,.1f})"
-    if cpu.status.startswith(("reference", "disabled")) or gflops < reference / 4:
+    detail = f"{device.describe(status)}; 512^3 sgemm {gflops:,.1f} GFLOP/s (numpy: {reference:,.1f})"
+    if status.blas.startswith(("reference", "disabled")) or gflops < reference / 4:
         return Check("device", WARN, detail + "; MLX is on a slow (reference) BLAS",
                      "unset ABOT_BLAS=off and install a C compiler (abot builds a shim to numpy's OpenBLAS), "
                      "or set ABOT_BLAS=/path/to/libopenblas.so")

@@ -136,12 +136,12 @@ def load_init_params(cfg: Config, tokenizer, model) -> tuple[dict, Path]:
     return tree_map(lambda p: p.astype(mx.float32), params), path
 
 
-def make_reference_fn(model, compile: bool = True, shards: int = 1):
+def make_reference_fn(model, compile: bool = True, lanes: int = 1):
     """`ref(ref_params, tokens, mask) -> (B,)` summed log-probs of the frozen model, eval mode, no gradient.
 
-    With `shards` > 1 the rows are split over that many MLX streams (as the train step's; abot.cpu).
+    With `lanes` > 1 the rows are split over that many MLX streams (as the train step's; abot.platform.lanes).
     """
-    streams = new_streams(shards)
+    streams = new_streams(lanes)
 
     def ref(ref_params, tokens, mask):
         if len(streams) < 2 or tokens.shape[0] % len(streams):
@@ -185,8 +185,8 @@ class StageData:
 
 
 def stage_data(stage: str, cfg: Config, tokenizer, model, loss_fn: Callable, reference: Any = None,
-               data_state: dict | None = None, say: Callable[[str], None] = print, shards: int = 1) -> StageData:
-    """Batches, evaluation and the reference model for a fine-tuning stage (`shards`: as the train step's)."""
+               data_state: dict | None = None, say: Callable[[str], None] = print, lanes: int = 1) -> StageData:
+    """Batches, evaluation and the reference model for a fine-tuning stage (`lanes`: as the train step's)."""
     t, d = cfg.train, cfg.data
     kind = BATCH_KIND[stage]
     encode = functools.partial(ENCODERS[kind], tokenizer=tokenizer, seq_len=d.seq_len, overlong=d.overlong)
@@ -208,7 +208,7 @@ def stage_data(stage: str, cfg: Config, tokenizer, model, loss_fn: Callable, ref
         if reference is None:
             raise AbotError(f"abot {stage} needs a reference model: set train.init_from")
         ref_params = tree_map(lambda p: p.astype(DTYPES[t.precision]), reference)  # compute precision, frozen
-        ref_fn = make_reference_fn(model, t.compile, shards)
+        ref_fn = make_reference_fn(model, t.compile, lanes)
         eval_data = [add_reference_logprobs(ref_fn, ref_params, b) for b in eval_data]  # once: ref is frozen
 
         def prepare(batch):
@@ -217,7 +217,7 @@ def stage_data(stage: str, cfg: Config, tokenizer, model, loss_fn: Callable, ref
         def prepare(batch):
             return tree_map(mx.array, batch)
 
-    eval_step = make_eval_step(model, loss_fn, t.compile, shards)
+    eval_step = make_eval_step(model, loss_fn, t.compile, lanes)
 
     def evaluate(params) -> dict:
         if not eval_data:
