@@ -15,13 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import mlx.core as mx
 import msgpack
 import numpy as np
 
-import abot
+from abot import __version__
 from abot.errors import AbotError
-
-import mlx.core as mx  # noqa: E402  (after abot, which configures BLAS first)
 
 MAGIC = b"ABOTCKPT"
 FORMAT_VERSION = 1
@@ -197,7 +196,7 @@ def _write_payload(out: _HashingWriter, trees: dict, step: int, meta: dict) -> N
     out.pack("format_version")
     out.pack(FORMAT_VERSION)
     out.pack("abot_version")
-    out.pack(abot.__version__)
+    out.pack(__version__)
     out.pack("step")
     out.pack(int(step))
     out.pack("meta")

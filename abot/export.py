@@ -32,9 +32,8 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-
 import mlx.core as mx
+import numpy as np
 
 from abot.chat_template import END_ID
 from abot.config import Config

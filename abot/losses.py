@@ -2,8 +2,9 @@
 
 A loss is `loss(model, params, batch, key) -> (scalar loss, metrics dict of scalars)`, where
 `batch` is what the data pipeline yields for one micro-batch. A loss that is a mean over a number of
-items that varies between batches (masked tokens) also returns that number as metrics["loss_weight"]:
-the train and eval steps weigh the parts of a batch they split across CPU cores by it (abot/step.py).
+items that varies between batches (masked tokens) also returns that count as metrics["loss_weight"]:
+with it abot combines the losses of any split of a batch exactly as the whole batch's (today the parallel
+lanes of abot/step.py's `on_streams`), and then drops it from the metrics.
 """
 
 import mlx.core as mx

@@ -13,13 +13,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import mlx.core as mx
 import numpy as np
 
-import abot  # noqa: F401  (configures BLAS before mlx.core loads)
 from abot.checkpoint import atomic_write_bytes
 from abot.errors import AbotError
-
-import mlx.core as mx  # noqa: E402
 
 METRICS_FILE = "metrics.jsonl"
 EVENTS_FILE = "events.jsonl"

@@ -13,26 +13,26 @@ from typing import Any, Callable
 
 import mlx.core as mx
 
-from abot import cpu
 from abot.build import build_model, build_optimizer, build_schedule, ensure_tokenizer
 from abot.checkpoint import latest_checkpoint, save_rotating
 from abot.config import Config, TrainConfig
 from abot.guards import World
 from abot.models.transformer import count_params
+from abot.platform.lanes import parallel_lanes
 from abot.restore import Opened, check_no_damaged_checkpoints, check_resumable, load_init_params, open_checkpoint
 from abot.stage import Stage, StageData, check_stage, make_stage_eval, stage_data, stage_loss
 from abot.step import init_state, make_train_step
 
 
 def decide_lanes(train: TrainConfig, world_size: int = 1) -> int:
-    """How many parallel lanes the train step splits a micro-batch into on this machine (abot.cpu).
+    """How many parallel lanes the train step splits a micro-batch into on this machine (abot.platform.lanes).
 
     Call it before MLX's first evaluation, which fixes the evaluation order. Data-parallel ranks already share
     the cores, and a checkpointed step keeps its memory saving only on one stream: one lane for both.
     """
     if world_size > 1 or train.gradient_checkpointing:
         return 1
-    return cpu.parallel_shards(train.micro_batch_size)
+    return parallel_lanes(train.micro_batch_size)
 
 
 @dataclass
@@ -53,7 +53,7 @@ def build_step(cfg: Config, stage: Stage, lanes: int = 1, group=None) -> StepPar
     optimizer, schedule = build_optimizer(cfg, model), build_schedule(cfg)
     loss = stage_loss(cfg, stage)
     step = make_train_step(model, loss, optimizer, grad_accum_steps=t.grad_accum_steps, max_grad_norm=t.max_grad_norm,
-                           precision=t.precision, compile=t.compile, group=group, shards=lanes)
+                           precision=t.precision, compile=t.compile, group=group, lanes=lanes)
     return StepParts(model, optimizer, schedule, loss, step)
 
 

@@ -170,9 +170,6 @@ def stage_data(stage: str | Stage, cfg: Config, tokenizer, model, reference: Any
     if not t.init_from:
         say(f"Note: no train.init_from, so {stage.name} starts from a random initialization.")
 
-    def prepare(batch):
-        return tree_map(mx.array, batch)
-
     if stage.reference:
         if reference is None:
             raise AbotError(f"abot {stage.command} needs a reference model: set train.init_from")
@@ -180,8 +177,11 @@ def stage_data(stage: str | Stage, cfg: Config, tokenizer, model, reference: Any
         ref_fn = make_reference_fn(model, t.compile, lanes)
         evals = [add_reference_logprobs(ref_fn, ref_params, b, lanes) for b in evals]  # once: the reference is frozen
 
-        def prepare(batch):  # noqa: F811
+        def prepare(batch):
             return add_reference_logprobs(ref_fn, ref_params, tree_map(mx.array, batch), lanes)
+    else:
+        def prepare(batch):
+            return tree_map(mx.array, batch)
 
     return StageData(stream, evals, prepare, report=stream.stats.report, eval_report=eval_stats.report())
 

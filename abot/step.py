@@ -43,9 +43,9 @@ def clip_by_global_norm(grads, norm: mx.array, max_norm: float):
     return tree_map(lambda g: g * factor, grads)
 
 
-def new_streams(shards: int) -> list:
-    """`shards` new MLX streams on the default device; none for one shard (the default stream is used)."""
-    return [mx.new_stream(mx.default_device()) for _ in range(shards)] if shards > 1 else []
+def new_streams(lanes: int) -> list:
+    """One new MLX stream per parallel lane on the default device; none for one lane (the default stream is used)."""
+    return [mx.new_stream(mx.default_device()) for _ in range(lanes)] if lanes > 1 else []
 
 
 def batch_slices(micro, n: int) -> list:
@@ -57,10 +57,10 @@ def batch_slices(micro, n: int) -> list:
 def on_streams(fn: Callable, streams: list, micro, key: mx.array | None = None):
     """`fn(part, key) -> ((loss, aux), rest)` over equal parts of a micro-batch, one per stream, combined.
 
-    The result is the whole micro-batch's: each part's loss is a mean over its own examples or tokens, so a
-    loss whose parts can hold unequal counts (masked tokens) reports its count as aux["loss_weight"], and the
-    parts are weighted by it; otherwise they weigh the same. loss_weight is removed from aux either way. With
-    no streams, or a batch they do not divide, `fn` runs once on the whole micro-batch.
+    The result is the whole micro-batch's: each part's loss is a mean over its own items, so a loss that
+    reports the count of items it averages over as aux["loss_weight"] has its parts weighted by those counts
+    (exact for masked tokens); otherwise the parts weigh the same. loss_weight is removed from aux either way.
+    With no streams, or a batch they do not divide, `fn` runs once on the whole micro-batch.
     """
     n = len(streams)
     if n < 2 or tree_flatten(micro)[0][1].shape[0] % n:
@@ -87,7 +87,7 @@ def on_streams(fn: Callable, streams: list, micro, key: mx.array | None = None):
 
 def make_train_step(model, loss_fn: Callable, optimizer: Optimizer, *, grad_accum_steps: int,
                     max_grad_norm: float, precision: str = "float32", compile: bool = True,
-                    group: mx.distributed.Group | None = None, shards: int = 1):
+                    group: mx.distributed.Group | None = None, lanes: int = 1):
     """Build `step(state, batch, lr) -> (state, metrics)`.
 
     `batch` has a leading axis of `grad_accum_steps` micro-batches (an array or a dict of arrays);
@@ -95,14 +95,14 @@ def make_train_step(model, loss_fn: Callable, optimizer: Optimizer, *, grad_accu
     finite (1.0 when the update was applied), loss_scale, plus the loss function's own metrics.
     With a distributed `group` of several ranks, gradients and metrics are averaged across ranks
     before clipping, so every rank applies the same update to the same parameters.
-    With `shards` > 1 each micro-batch is split along its batch axis into that many equal parts, each
+    With `lanes` > 1 each micro-batch is split along its batch axis into that many equal parts, each
     differentiated on its own MLX stream, and their gradients combined as one batch's (see
-    `abot.cpu.parallel_shards`: MLX runs a stream's elementwise kernels on one core).
+    `abot.platform.lanes.parallel_lanes`: MLX runs a stream's elementwise kernels on one core).
     """
     compute_dtype = DTYPES[precision]
     dynamic_scaling = precision == "float16"
     world = group.size() if group is not None else 1
-    streams = new_streams(shards)
+    streams = new_streams(lanes)
 
     def across_ranks(tree):
         return tree if world == 1 else tree_map(lambda x: mx.distributed.all_sum(x, group=group) / world, tree)
@@ -124,10 +124,10 @@ def make_train_step(model, loss_fn: Callable, optimizer: Optimizer, *, grad_accu
             if grads is not None:
                 # Micro-batch i starts after micro-batch i-1's gradients. Nothing else orders them, and MLX ran
                 # the micro-batches side by side, holding all their activations at once (tiny at seq 256, four
-                # micro-batches of 4: 1.8 GiB where one holds 0.7; small under parallel shards: 4.2 GB vs 1.5).
+                # micro-batches of 4: 1.8 GiB where one holds 0.7; small in parallel lanes: 4.2 GB vs 1.5).
                 done = [g for _, g in tree_flatten(grads)]
                 micro = tree_map(lambda b: mx.depends(b, done), micro)
-            # ((loss, aux), grads) of the micro-batch, from its parallel shards when there are several
+            # ((loss, aux), grads) of the micro-batch, from its parallel lanes when there are several
             (l, aux), g = on_streams(lambda part, part_key: grad_fn(params, part, part_key, scale), streams, micro,
                                      micro_keys[i])
             grads = g if grads is None else tree_map(mx.add, grads, g)
@@ -143,7 +143,7 @@ def make_train_step(model, loss_fn: Callable, optimizer: Optimizer, *, grad_accu
         norm = global_norm(grads)
         finite = mx.isfinite(norm) & mx.isfinite(loss)
         grads = clip_by_global_norm(grads, norm, max_grad_norm)
-        with leaf_streams(streams):  # with shards, the update's leaves are spread over their streams too
+        with leaf_streams(streams):  # with lanes, the update's leaves are spread over their streams too
             new_params, new_opt = optimizer.update(grads, state["opt_state"], params, lr)
         # A non-finite loss or gradient skips the update: params and optimizer state stay as they were.
         keep = lambda new, old: mx.where(finite, new, old)  # noqa: E731
@@ -162,9 +162,9 @@ def make_train_step(model, loss_fn: Callable, optimizer: Optimizer, *, grad_accu
     return mx.compile(step) if compile else step
 
 
-def make_eval_step(model, loss_fn: Callable, compile: bool = True, shards: int = 1):
-    """`eval_step(params, micro) -> (loss, metrics)` without dropout or gradients, in `shards` parallel parts."""
-    streams = new_streams(shards)
+def make_eval_step(model, loss_fn: Callable, compile: bool = True, lanes: int = 1):
+    """`eval_step(params, micro) -> (loss, metrics)` without dropout or gradients, in `lanes` parallel parts."""
+    streams = new_streams(lanes)
 
     def eval_step(params, micro):
         return on_streams(lambda part, _: (loss_fn(model, params, part, None), {}), streams, micro)[0]

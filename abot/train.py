@@ -13,12 +13,13 @@ import mlx.core as mx
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from abot import __version__, device
+from abot import __version__
 from abot.config import Config, TrainConfig
 from abot.errors import AbotError
 from abot.finetune.batches import describe as describe_data
 from abot.guards import StopRequest, Watchdog, distributed_world
 from abot.metrics import NullLogger, RunLogger
+from abot.platform import device
 from abot.run import Run, build_run, decide_lanes
 from abot.stage import check_stage
 
@@ -110,7 +111,7 @@ def announce(run: Run, console: Console, logger) -> None:
                   + (f"{w.size} ranks x " if w.size > 1 else "")
                   + f"{t.grad_accum_steps} x {t.micro_batch_size} x {d.seq_len} = {run.tokens_per_step} tokens/step")
     if run.lanes > 1:
-        console.print(f"cpu: each micro-batch runs as {run.lanes} parallel shards (one MLX stream per core)")
+        console.print(f"cpu: each micro-batch runs as {run.lanes} parallel lanes (one MLX stream per core)")
 
 
 def steps(run: Run, report: Report, stop: StopRequest, watchdog: Watchdog) -> dict:

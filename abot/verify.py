@@ -22,6 +22,7 @@ from abot.errors import AbotError, ConfigError
 from abot.memory import Shapes, estimate_memory, machine_memory, measure_step_peak, model_shapes
 from abot.run import decide_lanes
 from abot.unread import unread_keys
+from abot.platform import PlatformStatus, prepare
 
 PASS, WARN, FAIL, SKIP = "pass", "warn", "fail", "skip"
 GIB = 2**30
@@ -273,21 +274,22 @@ def check_save_dir(cfg: Config) -> Check:
 
 # -------------------------------------------------------------------------------------------- compute
 
-def check_compute() -> Check:
+def check_compute(status: PlatformStatus | None = None) -> Check:
     """Which device and BLAS MLX uses, and its measured 512^3 sgemm speed (next to numpy's on the CPU: a
-    busy machine slows both, a reference BLAS only MLX)."""
+    busy machine slows both, a reference BLAS only MLX). `status`: abot.platform.prepare()'s, by default."""
     import mlx.core as mx
 
-    from abot import cpu, device
+    from abot.platform import backends, device
 
+    status = status or prepare()
     gflops = device.sgemm_gflops()
-    if conflict := device.backend_conflict():
-        return Check("device", WARN, f"{device.describe()}; {conflict[0]}", conflict[1])
+    if conflict := backends.backend_conflict():
+        return Check("device", WARN, f"{device.describe(status)}; {conflict[0]}", conflict[1])
     if mx.default_device() == mx.gpu:
-        return Check("device", PASS, f"{device.describe()}; 512^3 sgemm {gflops:,.0f} GFLOP/s")
+        return Check("device", PASS, f"{device.describe(status)}; 512^3 sgemm {gflops:,.0f} GFLOP/s")
     reference = device.numpy_sgemm_gflops()
-    detail = f"{device.describe()}; 512^3 sgemm {gflops:,.1f} GFLOP/s (numpy: {reference:,.1f})"
-    if cpu.status.startswith(("reference", "disabled")) or gflops < reference / 4:
+    detail = f"{device.describe(status)}; 512^3 sgemm {gflops:,.1f} GFLOP/s (numpy: {reference:,.1f})"
+    if status.blas.startswith(("reference", "disabled")) or gflops < reference / 4:
         return Check("device", WARN, detail + "; MLX is on a slow (reference) BLAS",
                      "unset ABOT_BLAS=off and install a C compiler (abot builds a shim to numpy's OpenBLAS), "
                      "or set ABOT_BLAS=/path/to/libopenblas.so")
@@ -311,12 +313,13 @@ def check_precision(cfg: Config) -> Check:
 def check_measured(cfg: Config, shapes: Shapes | None = None, lanes: int = 1) -> Check:
     """Run one step of the compiled train step `abot train` runs (`lanes` as `abot.run.decide_lanes` chose) and
     compare its peak memory with the estimate (`abot verify --measure`)."""
-    from abot import cpu
+    from abot.platform.blas import set_blas_threads
+    from abot.platform.lanes import usable_cores
 
     est = estimate_memory(cfg, shapes)
     peak, _ = measure_step_peak(cfg, lanes=lanes)
     if lanes > 1:  # the lanes gave each stream's matmuls a share of the cores: the device check wants them all
-        cpu.set_blas_threads(cpu.usable_cores())
+        set_blas_threads(usable_cores())
     error = (est.peak - peak) / peak
     detail = f"one compiled step: peak {_gib(peak)}; the estimate {_gib(est.peak)} is {error:+.0%} off"
     if abs(error) > 0.15:

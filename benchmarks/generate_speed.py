@@ -17,10 +17,10 @@ import time
 import abot  # noqa: F401  (loads the fast BLAS before mlx)
 import mlx.core as mx
 
-from abot import cpu
 from abot.config import ModelConfig
 from abot.generate import generate_tokens
 from abot.models.transformer import count_params, transformer
+from abot.platform import prepare
 
 SHAPES = {"tiny": (256, 6, 8), "small": (512, 8, 8)}  # d_model, n_layers, n_heads
 VOCAB = 8000
@@ -46,7 +46,7 @@ def main():
     parser.add_argument("--blas-threads", type=int, default=1, help="OpenBLAS threads (0: its default)")
     args = parser.parse_args()
     threads = args.blas_threads or None
-    device = "gpu" if mx.default_device() == mx.gpu else f"cpu (BLAS: {cpu.status})"
+    device = "gpu" if mx.default_device() == mx.gpu else f"cpu (BLAS: {prepare().blas})"
     print(f"device: {device}; batch 1, prompt {args.prompt} tokens, {args.new} new tokens, greedy, float32, "
           f"BLAS threads: {threads or 'default'}")
     print(f"{'shape':<16}{'params':>9}{'cache':>7}{'first token':>13}{'decode tok/s':>14}{'total':>9}")

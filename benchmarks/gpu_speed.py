@@ -32,7 +32,7 @@ import mlx.nn as nn
 import mlx.utils
 import numpy as np
 
-from abot import device
+from abot.platform import device
 from abot.registry import optimizers
 
 HERE = Path(__file__).resolve().parent

@@ -24,10 +24,11 @@ import abot  # noqa: F401  (loads the fast BLAS before mlx)
 import mlx.core as mx
 import numpy as np
 
-from abot import cpu
 from abot.config import ModelConfig
 from abot.losses import next_token
 from abot.models.transformer import count_params, transformer
+from abot.platform import prepare
+from abot.platform.lanes import parallel_lanes
 from abot.registry import optimizers
 from abot.step import init_state, make_train_step
 
@@ -69,21 +70,21 @@ def flops_per_token(cfg: ModelConfig, n_params: int, seq_len: int) -> float:
 
 
 def bench(shape, optimizer: str, compile: bool, checkpointing: bool, steps: int, warmup: int = 3,
-          group=None, accum: int = 1, vocab: int = VOCAB, precision: str = "float32", max_shards=None) -> dict:
+          group=None, accum: int = 1, vocab: int = VOCAB, precision: str = "float32", max_lanes=None) -> dict:
     """One configuration's figures; with a distributed `group`, each rank runs the shape's batch (tokens/s: world).
 
     `shape`: a name in SHAPES or a (d_model, n_layers, n_heads, seq_len, batch) tuple. The micro-batch runs
-    as abot.train would run it: in `cpu.parallel_shards` shards (at most `max_shards`; one per rank
+    as abot.train would run it: in `parallel_lanes` lanes (at most `max_lanes`; one per rank
     and with checkpointing).
     """
     d, layers, heads, seq, batch = SHAPES[shape] if isinstance(shape, str) else shape
-    shards = cpu.parallel_shards(batch, max_shards=1 if group or checkpointing else max_shards)
+    lanes = parallel_lanes(batch, max_lanes=1 if group or checkpointing else max_lanes)
     cfg = ModelConfig(vocab_size=vocab, n_layers=layers, d_model=d, n_heads=heads, dropout=0.0, max_seq_len=seq)
     model = transformer(cfg, gradient_checkpointing=checkpointing)
     opt = optimizers.get(optimizer)(weight_decay=0.02)
     state = init_state(model.init(mx.random.key(0)), opt, mx.random.key(1), precision)
     step = make_train_step(model, next_token, opt, grad_accum_steps=accum, max_grad_norm=1.0, compile=compile,
-                           group=group, precision=precision, shards=shards)
+                           group=group, precision=precision, lanes=lanes)
     tokens = mx.random.randint(0, vocab, (accum, batch, seq + 1), key=mx.random.key(2))
     lr = mx.array(1e-3)
     mx.eval(state, tokens)
@@ -101,11 +102,11 @@ def bench(shape, optimizer: str, compile: bool, checkpointing: bool, steps: int,
     tok_s = accum * batch * seq * (group.size() if group else 1) / step_s
     return {"tokens_per_s": tok_s, "step_s": step_s, "flops_per_token": fpt, "gflops": tok_s * fpt / 1e9,
             "peak_mem_gb": mx.get_peak_memory() / 1e9, "params_m": n_params / 1e6, "loss": metrics["loss"].item(),
-            "shards": shards}
+            "lanes": lanes}
 
 
 def bench_in_child(**kwargs) -> dict:
-    """`bench` in a fresh process: MLX fixes its evaluation order (abot.cpu.parallel_shards) at its first
+    """`bench` in a fresh process: MLX fixes its evaluation order (abot.platform.lanes.parallel_lanes) at its first
     evaluation, and each configuration must get the order abot.train would give it."""
     out = subprocess.run([sys.executable, __file__, "--one", json.dumps(kwargs)], capture_output=True, text=True,
                          check=True)
@@ -137,9 +138,9 @@ def main():
         print(json.dumps(bench(**json.loads(args.one))))
         return
     mlx_peak, numpy_peak = matmul_peak_gflops()
-    print(f"BLAS: {cpu.status}; JIT: {cpu.jit_status}; fp32 1024^3 matmul: MLX {mlx_peak:.0f} GFLOP/s, numpy {numpy_peak:.0f} GFLOP/s")
+    print(f"BLAS: {prepare().blas}; JIT: {prepare().jit}; fp32 1024^3 matmul: MLX {mlx_peak:.0f} GFLOP/s, numpy {numpy_peak:.0f} GFLOP/s")
     print("FLOPs/token = 6 * N_matmul + 12 * n_layers * seq_len * d_model")
-    header = f"{'shape':6} {'optimizer':11} {'compile':7} {'ckpt':5} {'shards':>6} {'params':>7} {'tok/s':>8} " \
+    header = f"{'shape':6} {'optimizer':11} {'compile':7} {'ckpt':5} {'lanes':>6} {'params':>7} {'tok/s':>8} " \
              f"{'step ms':>8} {'GFLOP/tok':>9} {'GFLOP/s':>8} {'% peak':>6} {'mem GB':>6}"
     print(header)
     print("-" * len(header))
@@ -149,11 +150,11 @@ def main():
             first = runs[0][0]
             runs += [(first, True, False, 1), (first, False, False, None), (first, True, True, None)]
         results = {}
-        for opt, compile, ckpt, max_shards in runs:
-            r = results[opt, compile, ckpt, max_shards] = bench_in_child(
+        for opt, compile, ckpt, max_lanes in runs:
+            r = results[opt, compile, ckpt, max_lanes] = bench_in_child(
                 shape=shape, optimizer=opt, compile=compile, checkpointing=ckpt, steps=args.steps, accum=args.accum,
-                max_shards=max_shards)
-            print(f"{shape:6} {opt:11} {str(compile):7} {str(ckpt):5} {r['shards']:6} {r['params_m']:6.1f}M "
+                max_lanes=max_lanes)
+            print(f"{shape:6} {opt:11} {str(compile):7} {str(ckpt):5} {r['lanes']:6} {r['params_m']:6.1f}M "
                   f"{r['tokens_per_s']:8.0f} {r['step_s'] * 1e3:8.1f} {r['flops_per_token'] / 1e9:9.3f} "
                   f"{r['gflops']:8.1f} {100 * r['gflops'] / mlx_peak:5.0f}% {r['peak_mem_gb']:6.2f}")
         reference = None if args.no_torch else torch_reference(shape, args.steps)
@@ -163,7 +164,7 @@ def main():
                   f"{reference['step_s'] * 1e3:8.1f} {fpt / 1e9:9.3f} {reference['tokens_per_s'] * fpt / 1e9:8.1f} "
                   f"{100 * reference['tokens_per_s'] * fpt / 1e9 / mlx_peak:5.0f}%  ({reference['threads']} threads)")
             for (opt, compile, ckpt, _), r in results.items():
-                print(f"{'':6} abot {opt} (compile={compile}, ckpt={ckpt}, shards={r['shards']}) / torch eager adamw: "
+                print(f"{'':6} abot {opt} (compile={compile}, ckpt={ckpt}, lanes={r['lanes']}) / torch eager adamw: "
                       f"{r['tokens_per_s'] / reference['tokens_per_s']:.2f}x")
 
 

@@ -154,12 +154,12 @@ def test_right_padding_and_other_rows_never_change_a_sequence_logprob():
     assert both[0].item() == pytest.approx(alone[0], abs=1e-5)
 
 
-def test_reference_fn_in_parallel_shards_equals_one_batch():
+def test_reference_fn_in_parallel_lanes_equals_one_batch():
     params = MODEL.init(mx.random.key(1))
     rows = mx.array(np.random.default_rng(2).integers(0, 40, (4, 9)).astype(np.int32))
     mask = mx.array(np.tile((np.arange(8) >= 3).astype(np.float32), (4, 1)))
     whole = make_reference_fn(MODEL)(params, rows, mask)
-    split = make_reference_fn(MODEL, shards=2)(params, rows, mask)
+    split = make_reference_fn(MODEL, lanes=2)(params, rows, mask)
     np.testing.assert_allclose(np.array(split), np.array(whole), atol=1e-5)
 
 

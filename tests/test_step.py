@@ -34,9 +34,9 @@ def applied_update(before, after):
     return tree_map(lambda b, a: b - a, before["params"], after["params"])
 
 
-def run(batch, accum, clip=0.0, compile=False, loss=next_token, precision="float32", state=None, shards=1):
+def run(batch, accum, clip=0.0, compile=False, loss=next_token, precision="float32", state=None, lanes=1):
     step = make_train_step(MODEL, loss, descent, grad_accum_steps=accum, max_grad_norm=clip,
-                           precision=precision, compile=compile, shards=shards)
+                           precision=precision, compile=compile, lanes=lanes)
     state = state or fresh_state(precision)
     new, metrics = step(state, batch, mx.array(1.0))
     mx.eval(new, metrics)
@@ -58,39 +58,39 @@ def test_accumulating_k_micro_batches_equals_one_batch_of_k():
 
 
 @pytest.mark.parametrize("compile", [False, True])
-def test_parallel_shards_equal_one_batch(compile):
+def test_parallel_lanes_equal_one_batch(compile):
     """A micro-batch split over two MLX streams gives the unsplit batch's loss and update."""
     batch = tokens((2, 4, 17))
     s0, whole, m1 = run(batch, accum=2, clip=1.0, compile=compile)
-    _, sharded, m2 = run(batch, accum=2, clip=1.0, compile=compile, shards=2)
-    assert_trees_close(applied_update(s0, whole), applied_update(s0, sharded), atol=1e-6)
+    _, in_lanes, m2 = run(batch, accum=2, clip=1.0, compile=compile, lanes=2)
+    assert_trees_close(applied_update(s0, whole), applied_update(s0, in_lanes), atol=1e-6)
     assert m2["loss"].item() == pytest.approx(m1["loss"].item(), abs=1e-6)
 
 
-def test_parallel_shards_weigh_masked_losses_by_their_token_counts():
-    """SFT's loss is a mean over assistant tokens: shards holding 3 and 16 of them weigh 3:16, not 1:1."""
+def test_parallel_lanes_weigh_masked_losses_by_their_token_counts():
+    """SFT's loss is a mean over assistant tokens: lanes holding 3 and 16 of them weigh 3:16, not 1:1."""
     counts = mx.array([3, 3, 16, 16])[:, None]
     batch = {"tokens": tokens((1, 4, 17)), "mask": (mx.arange(16)[None] < counts).astype(mx.int32)[None]}
     s0, whole, m1 = run(batch, accum=1, loss=sft)
-    _, sharded, m2 = run(batch, accum=1, loss=sft, shards=2)
-    assert_trees_close(applied_update(s0, whole), applied_update(s0, sharded), atol=1e-6)
+    _, in_lanes, m2 = run(batch, accum=1, loss=sft, lanes=2)
+    assert_trees_close(applied_update(s0, whole), applied_update(s0, in_lanes), atol=1e-6)
     assert m2["loss"].item() == pytest.approx(m1["loss"].item(), abs=1e-6)
-    assert "loss_weight" not in m2  # how shards are weighed, not a metric
+    assert "loss_weight" not in m2  # how lanes are weighed, not a metric
 
 
 @pytest.mark.parametrize("compile", [False, True])
-def test_eval_step_in_parallel_shards_equals_one_batch(compile):
+def test_eval_step_in_parallel_lanes_equals_one_batch(compile):
     """Held-out losses split over two streams: the plain mean, and SFT's weighted by assistant tokens (3:16)."""
     params = fresh_state()["params"]
     counts = mx.array([3, 3, 16, 16])[:, None]
     masked = {"tokens": tokens((4, 17)), "mask": (mx.arange(16)[None] < counts).astype(mx.int32)}
     for loss, micro in [(next_token, tokens((4, 17), seed=3)), (sft, masked)]:
         whole, whole_metrics = make_eval_step(MODEL, loss, compile)(params, micro)
-        split, split_metrics = make_eval_step(MODEL, loss, compile, shards=2)(params, micro)
+        split, split_metrics = make_eval_step(MODEL, loss, compile, lanes=2)(params, micro)
         assert split.item() == pytest.approx(whole.item(), abs=1e-6)
         assert "loss_weight" not in split_metrics and whole_metrics.keys() == split_metrics.keys()
-    odd = tokens((3, 17))  # a batch the shards do not divide runs whole
-    assert make_eval_step(MODEL, next_token, compile, shards=2)(params, odd)[0].item() == \
+    odd = tokens((3, 17))  # a batch the lanes do not divide runs whole
+    assert make_eval_step(MODEL, next_token, compile, lanes=2)(params, odd)[0].item() == \
         pytest.approx(make_eval_step(MODEL, next_token, compile)(params, odd)[0].item(), abs=1e-6)
 
 
@@ -170,7 +170,7 @@ for accum in (1, 4):
     state = init_state(model.init(mx.random.key(0)), descent, mx.random.key(1))
     batch = mx.random.randint(0, 4000, (accum, 8, 129), key=mx.random.key(2))
     mx.eval(state, batch)
-    step = make_train_step(model, next_token, descent, grad_accum_steps=accum, max_grad_norm=1.0, shards=2)
+    step = make_train_step(model, next_token, descent, grad_accum_steps=accum, max_grad_norm=1.0, lanes=2)
     for _ in range(2):  # the first call also builds the kernels, which changes how the two streams overlap
         mx.reset_peak_memory()
         mx.eval(step(state, batch, mx.array(0.1)))
@@ -179,8 +179,8 @@ print(json.dumps(peaks))
 """
 
 
-def test_accumulated_micro_batches_run_one_after_another_under_parallel_shards():
-    """Accumulation bounds memory to one micro-batch's activations, also in the breadth-first order shards use."""
+def test_accumulated_micro_batches_run_one_after_another_in_parallel_lanes():
+    """Accumulation bounds memory to one micro-batch's activations, also in the breadth-first order lanes use."""
     env = {**os.environ, "MLX_BFS_MAX_WIDTH": "100000", "ABOT_BFS_WIDTH": ""}
     out = subprocess.run([sys.executable, "-c", ACCUMULATION_MEMORY], capture_output=True, text=True, env=env,
                          timeout=300)

@@ -1,5 +1,6 @@
 import abot  # noqa: F401  (first: it sets up BLAS before anything imports mlx.core)
 
+import dataclasses
 import itertools
 import json
 import os
@@ -17,6 +18,7 @@ from abot.config import config_from_dict, load_config
 from abot.data.corpus import stdlib_documents
 from abot.errors import AbotError, ConfigError
 from abot.models.transformer import count_params, init_params
+from abot.platform import prepare
 from abot.tokenizer import train_tokenizer
 from abot.verify import FAIL, PASS, SKIP, WARN
 
@@ -226,12 +228,12 @@ def test_unwritable_save_dir_fails(tmp_path, monkeypatch):
 
 # -------------------------------------------------------------------------------------------- compute
 
-def test_compute_reports_blas_and_speed(monkeypatch):
+def test_compute_reports_blas_and_speed():
     check = verify.check_compute()
     assert "GFLOP/s" in check.detail
     if mx.default_device() == mx.cpu:
-        monkeypatch.setattr(abot.cpu, "status", "reference BLAS (slow): no compiler")
-        check = verify.check_compute()
+        slow = dataclasses.replace(prepare(), blas="reference BLAS (slow): no compiler")
+        check = verify.check_compute(slow)
         assert check.status == WARN and "slow (reference) BLAS" in check.detail and "ABOT_BLAS" in check.fix
 
 

@@ -14,12 +14,12 @@ from abot.finetune.losses import sequence_logprobs
 from abot.step import batch_slices, new_streams
 
 
-def make_reference_fn(model, compile: bool = True, shards: int = 1):
+def make_reference_fn(model, compile: bool = True, lanes: int = 1):
     """`ref(ref_params, tokens, mask) -> (B,)` summed log-probs of the frozen model, eval mode, no gradient.
 
-    With `shards` > 1 the rows are split over that many MLX streams (as the train step's; abot.cpu).
+    With `lanes` > 1 the rows are split over that many MLX streams, as the train step's (abot.platform.lanes).
     """
-    streams = new_streams(shards)
+    streams = new_streams(lanes)
 
     def ref(ref_params, tokens, mask):
         if len(streams) < 2 or tokens.shape[0] % len(streams):

@@ -3,7 +3,7 @@
 On MLX's CPU backend the built-in softmax/logsumexp/sigmoid kernels are precompiled for baseline
 x86-64, where their exp polynomial runs through a software fma(); the same math written as
 elementwise ops is fused by `mx.compile` into one JIT kernel built with the host's FMA and vectorised
-(see abot/cpu.py). Measured on tiny's shapes: softmax 2.4x, logsumexp 1.8x faster; the SwiGLU gate
+(see abot/platform/jit.py). Measured on tiny's shapes: softmax 2.4x, logsumexp 1.8x faster; the SwiGLU gate
 with its hand-written gradient 3.4x faster forward + backward than autodiff through `silu(a) * b`.
 On GPUs the built-in softmax and logsumexp are the fast path, so `fused_kernels()` picks them there;
 the gate's hand-written gradient is used everywhere, since it also keeps half the activations.

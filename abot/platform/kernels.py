@@ -19,7 +19,7 @@ the one-hot inside the cross-entropy gradient) stops GCC vectorising the whole l
 same value, which it vectorises. Measured on the cross-entropy gradient kernel (1024 x 8000): 4.6 -> 1.0 ns
 per element.
 
-Run as `python abot/cpu_kernels.py FILE.cpp` (standalone: it imports nothing from abot): rewrites the file
+Run as `python abot/platform/kernels.py FILE.cpp` (standalone: it imports nothing from abot): rewrites the file
 in place; what it does not recognise is left as it is.
 """
 
@@ -28,7 +28,7 @@ from __future__ import annotations
 import re
 import sys
 
-VERSION = "2"  # part of the JIT signature in abot/cpu.py: a new version retires kernels built by the old
+VERSION = "2"  # part of the JIT signature in abot/platform/jit.py: a new version retires kernels built by the old
 CHUNK = 512  # elements per chunk: each stride-0 input's buffer is 512 values on the stack
 
 _LOOP = re.compile(r"^  for \(int i(\d+) = 0; i\1 < shape\[\1\]; \+\+i\1\) \{$")

@@ -1,30 +1,15 @@
-"""Which MLX backend this process runs on and how fast it multiplies, for the start-up line and `abot verify`.
-
-Nothing here imports `mlx.core` at module level: abot/cpu.py asks `installed_backends()` before MLX loads.
-"""
+"""Which MLX device this process runs on and how fast it multiplies, for the start-up line and `abot verify`."""
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 import time
 from typing import Callable
 
+import mlx.core as mx
 
-def installed_backends() -> list[str]:
-    """MLX's backend distributions present (Linux wheels: mlx-cpu, mlx-cuda-12, mlx-cuda-13)."""
-    names = {(d.metadata["Name"] or "").lower().replace("_", "-") for d in importlib.metadata.distributions()}
-    return sorted(n for n in names if n == "mlx-cpu" or n.startswith("mlx-cuda"))
-
-
-def backend_conflict() -> tuple[str, str] | None:
-    """(problem, fix) when two Linux backends are installed: they overwrite each other's mlx/lib/libmlx.so."""
-    found = installed_backends()
-    if len(found) < 2:
-        return None
-    keep = "abot[cuda]" if any(n.startswith("mlx-cuda") for n in found) else "abot[cpu]"
-    return (f"{' and '.join(found)} are both installed and share mlx/lib/libmlx.so",
-            f"pip uninstall -y {' '.join(found)} && pip install '{keep}'")
+from abot.platform import PlatformStatus, prepare
+from abot.platform.eval_order import current as current_eval_order
 
 
 def float32_matmul() -> str:
@@ -32,19 +17,19 @@ def float32_matmul() -> str:
     return "full float32" if os.environ.get("MLX_ENABLE_TF32", "1") == "0" else "TF32"
 
 
-def describe() -> str:
-    """"gpu: NVIDIA H100 80GB HBM3 (CUDA, float32 matmuls in TF32)" or "cpu: <model>, BLAS: ..."."""
-    import mlx.core as mx
+def describe(status: PlatformStatus | None = None) -> str:
+    """"gpu: NVIDIA H100 80GB HBM3 (CUDA, float32 matmuls in TF32)" or "cpu: <model>, BLAS: ...".
 
-    from abot import cpu
-
+    `status` is what `abot.platform.prepare()` did (by default, its memoised result).
+    """
+    status = status or prepare()
     name = mx.device_info().get("device_name", "")
     if mx.default_device() == mx.gpu:
         if mx.metal.is_available():
             return f"gpu: {name or 'Apple GPU'} (Metal)"
         return f"gpu: {name or 'NVIDIA GPU'} (CUDA, float32 matmuls in {float32_matmul()})"
-    return (f"cpu: {name or 'unknown'}, BLAS: {cpu.status}, JIT: {cpu.jit_status}, malloc: {cpu.malloc_status}, "
-            f"eval: {cpu.eval_order_status}")
+    return (f"cpu: {name or 'unknown'}, BLAS: {status.blas}, JIT: {status.jit}, malloc: {status.malloc}, "
+            f"eval: {current_eval_order()}")
 
 
 def _gflops(matmul: Callable[[], object], n: int, min_time: float) -> float:
@@ -62,8 +47,6 @@ def _gflops(matmul: Callable[[], object], n: int, min_time: float) -> float:
 
 def sgemm_gflops(n: int = 512, min_time: float = 0.2) -> float:
     """Measured float32 matmul speed (n^3 sgemm) on MLX's default device, GFLOP/s."""
-    import mlx.core as mx
-
     a, b = mx.random.normal((n, n)), mx.random.normal((n, n))
     mx.eval(a, b)
     return _gflops(lambda: mx.eval(a @ b), n, min_time)

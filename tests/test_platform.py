@@ -1,4 +1,4 @@
-"""The Linux CPU set-up in abot/cpu.py: JIT compiler flags, their kernel cache, malloc reuse."""
+"""The Linux CPU set-up in abot/platform: JIT compiler flags, their kernel cache, malloc reuse, parallel lanes."""
 
 import ctypes
 import json
@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from abot import cpu
+from abot.platform import backends, jit, prepare
 
 
 def test_kernels_built_with_other_flags_are_set_aside_once(tmp_path):
@@ -17,32 +17,32 @@ def test_kernels_built_with_other_flags_are_set_aside_once(tmp_path):
     kernels.mkdir(parents=True)
     (kernels / "libold_contiguous.so").write_text("built without abot's flags")
 
-    cpu._retire_stale_kernels(kernels, "-march=x86-64-v3 -fA")
+    jit._retire_stale_kernels(kernels, "-march=x86-64-v3 -fA")
     assert not (kernels / "libold_contiguous.so").exists()
     assert (kernels / "abot-jit-flags").read_text() == "-march=x86-64-v3 -fA"
     assert sorted(p.name for p in kernels.parent.iterdir()) == ["cpu"]  # the stale copy is deleted
 
     (kernels / "libnew_contiguous.so").write_text("built with them")
-    cpu._retire_stale_kernels(kernels, "-march=x86-64-v3 -fA")
+    jit._retire_stale_kernels(kernels, "-march=x86-64-v3 -fA")
     assert (kernels / "libnew_contiguous.so").exists()  # same flags: the cache is kept
 
-    cpu._retire_stale_kernels(kernels, "-march=x86-64-v3 -fB")
+    jit._retire_stale_kernels(kernels, "-march=x86-64-v3 -fB")
     assert not (kernels / "libnew_contiguous.so").exists()
     assert (kernels / "abot-jit-flags").read_text() == "-march=x86-64-v3 -fB"
 
 
 def test_missing_cache_folder_is_created_with_its_stamp(tmp_path):
     kernels = tmp_path / "fresh" / "cpu"
-    cpu._retire_stale_kernels(kernels, "flags")
+    jit._retire_stale_kernels(kernels, "flags")
     assert (kernels / "abot-jit-flags").read_text() == "flags"
 
 
-@pytest.mark.skipif(not cpu.jit_status.startswith("-march"), reason="JIT flags not in use on this machine")
+@pytest.mark.skipif(not prepare().jit.startswith("-march"), reason="JIT flags not in use on this machine")
 def test_the_g_plus_plus_mlx_runs_is_abots_wrapper_with_the_flags():
     wrapper = shutil.which("g++")
     assert wrapper is not None and "abot" in wrapper
     with open(wrapper) as f:
-        assert cpu._JIT_FLAGS in f.read()
+        assert jit._JIT_FLAGS in f.read()
     assert os.environ["PATH"].split(os.pathsep)[0] == os.path.dirname(wrapper)
 
 
@@ -52,7 +52,7 @@ class _MallInfo2(ctypes.Structure):
                  "keepcost")]
 
 
-@pytest.mark.skipif(cpu.malloc_status != "reuse", reason="not MLX's Linux CPU backend on glibc")
+@pytest.mark.skipif(prepare().malloc != "reuse", reason="not MLX's Linux CPU backend on glibc")
 def test_large_mlx_buffers_are_not_served_by_fresh_mmaps():
     import mlx.core as mx
 
@@ -68,60 +68,62 @@ def test_large_mlx_buffers_are_not_served_by_fresh_mmaps():
 
 
 def test_the_cpu_blas_handling_stays_out_of_cuda_and_macos_builds(monkeypatch):
-    monkeypatch.setattr(cpu.sys, "platform", "linux")
-    for backends, expected in [(["mlx-cpu"], True), (["mlx-cuda-13"], False), (["mlx-cpu", "mlx-cuda-13"], False),
-                               ([], False)]:
-        monkeypatch.setattr(cpu, "installed_backends", lambda b=backends: b)
-        assert cpu._linux_cpu_build() is expected, backends
-    monkeypatch.setattr(cpu.sys, "platform", "darwin")
-    monkeypatch.setattr(cpu, "installed_backends", lambda: ["mlx-cpu"])
-    assert cpu._linux_cpu_build() is False
+    monkeypatch.setattr(backends.sys, "platform", "linux")
+    for wheels, expected in [(["mlx-cpu"], True), (["mlx-cuda-13"], False), (["mlx-cpu", "mlx-cuda-13"], False),
+                             ([], False)]:
+        monkeypatch.setattr(backends, "installed_backends", lambda b=wheels: b)
+        assert backends.linux_cpu_build() is expected, wheels
+    monkeypatch.setattr(backends.sys, "platform", "darwin")
+    monkeypatch.setattr(backends, "installed_backends", lambda: ["mlx-cpu"])
+    assert backends.linux_cpu_build() is False
 
 
 def test_two_mlx_backends_installed_side_by_side_are_reported_with_the_fix(monkeypatch):
-    from abot import device, verify
+    from abot import verify
 
-    assert device.backend_conflict() is None  # a test environment holds one backend
-    monkeypatch.setattr(device, "installed_backends", lambda: ["mlx-cpu", "mlx-cuda-13"])
-    problem, fix = device.backend_conflict()
+    assert backends.backend_conflict() is None  # a test environment holds one backend
+    monkeypatch.setattr(backends, "installed_backends", lambda: ["mlx-cpu", "mlx-cuda-13"])
+    problem, fix = backends.backend_conflict()
     assert "mlx-cpu and mlx-cuda-13" in problem and "libmlx.so" in problem
     assert fix == "pip uninstall -y mlx-cpu mlx-cuda-13 && pip install 'abot[cuda]'"
     check = verify.check_compute()
     assert check.status == "warn" and check.fix.startswith("pip uninstall -y mlx-cpu mlx-cuda-13")
 
 
-SHARDS = r"""
+LANES = r"""
 import ctypes, json, os
-from abot import cpu
-threads = ctypes.CDLL(cpu._numpy_openblas()).scipy_openblas_get_num_threads64_
-cpu.usable_cores = lambda: 4
-out = [(cpu.parallel_shards(6), threads(), os.environ["MLX_BFS_MAX_WIDTH"]),
-       (cpu.parallel_shards(8, max_shards=2), threads(), os.environ["MLX_BFS_MAX_WIDTH"]),
-       (cpu.parallel_shards(7), threads(), os.environ["MLX_BFS_MAX_WIDTH"])]
+from abot.platform import blas, lanes
+threads = ctypes.CDLL(blas._numpy_openblas()).scipy_openblas_get_num_threads64_
+lanes.usable_cores = lambda: 4
+out = [(lanes.parallel_lanes(6), threads(), os.environ["MLX_BFS_MAX_WIDTH"]),
+       (lanes.parallel_lanes(8, max_lanes=2), threads(), os.environ["MLX_BFS_MAX_WIDTH"]),
+       (lanes.parallel_lanes(7), threads(), os.environ["MLX_BFS_MAX_WIDTH"])]
 import mlx.core as mx
-mx.eval(mx.ones(4) + 1)  # MLX has fixed its evaluation order now: too late for shards
-out.append((cpu.parallel_shards(8), threads(), os.environ["MLX_BFS_MAX_WIDTH"]))
+mx.eval(mx.ones(4) + 1)  # MLX has fixed its evaluation order now: too late for lanes
+out.append((lanes.parallel_lanes(8), threads(), os.environ["MLX_BFS_MAX_WIDTH"]))
 print(json.dumps(out))
 """
 
 
-@pytest.mark.skipif(cpu.status != "numpy-openblas", reason="parallel shards need numpy's OpenBLAS in MLX")
-def test_parallel_shards_divide_the_micro_batch_and_share_out_the_cores():
-    env = {k: v for k, v in os.environ.items() if k not in ("ABOT_CPU_SHARDS", "MLX_BFS_MAX_WIDTH", "ABOT_BFS_WIDTH")}
-    out = subprocess.run([sys.executable, "-c", SHARDS], capture_output=True, text=True, env=env, timeout=120)
+@pytest.mark.skipif(prepare().blas != "numpy-openblas", reason="parallel lanes need numpy's OpenBLAS in MLX")
+def test_parallel_lanes_divide_the_micro_batch_and_share_out_the_cores():
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("ABOT_CPU_LANES", "ABOT_CPU_SHARDS", "MLX_BFS_MAX_WIDTH", "ABOT_BFS_WIDTH")}
+    out = subprocess.run([sys.executable, "-c", LANES], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     (six, eight, seven, late) = json.loads(out.stdout.strip().splitlines()[-1])
-    assert six == [3, 1, "100000"]  # largest divisor of 6 up to 4 cores; 4 // 3 BLAS threads; shards interleave
+    assert six == [3, 1, "100000"]  # largest divisor of 6 up to 4 cores; 4 // 3 BLAS threads; lanes interleave
     assert eight == [2, 2, "100000"]
     assert seven == [1, 4, "1"]  # a prime batch: one stream, every core to BLAS, depth-first order
-    assert late == [1, 4, "1"]  # after MLX's first evaluation the order is fixed: no shards
+    assert late == [1, 4, "1"]  # after MLX's first evaluation the order is fixed: no lanes
 
     def first(**extra):
-        out = subprocess.run([sys.executable, "-c", SHARDS], capture_output=True, text=True, timeout=120,
+        out = subprocess.run([sys.executable, "-c", LANES], capture_output=True, text=True, timeout=120,
                              env={**env, **extra})
         return json.loads(out.stdout.strip().splitlines()[-1])[0]
 
-    assert first(ABOT_CPU_SHARDS="1")[0] == 1
+    assert first(ABOT_CPU_LANES="1")[0] == 1
+    assert first(ABOT_CPU_SHARDS="1")[0] == 1  # the variable's old name still works
     # A width abot exported and a child inherited is abot's to change; one the user set is left alone.
     assert first(MLX_BFS_MAX_WIDTH="1", ABOT_BFS_WIDTH="1")[2] == "100000"
     assert first(MLX_BFS_MAX_WIDTH="7")[2] == "7"

@@ -1,4 +1,4 @@
-"""abot/cpu_kernels.py: the rewritten strided JIT kernels compute what MLX's originals do, for every stride."""
+"""abot/platform/kernels.py: the rewritten strided JIT kernels compute what MLX's originals do, for every stride."""
 
 import ctypes
 import shutil
@@ -8,7 +8,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from abot import cpu, cpu_kernels
+from abot.platform import kernels, prepare
 
 # A kernel in the form MLX 0.32's CPU JIT emits for exp(a + b - c) over 2-D strided inputs (the op structs
 # stand in for MLX's preamble).
@@ -53,10 +53,10 @@ NAME = "Kf4IAddf4OExp_VVV_f4f4f4_0_strided_2"
 
 
 def test_the_innermost_loop_gets_a_vector_version_and_keeps_the_original():
-    new = cpu_kernels.rewrite(KERNEL)
+    new = kernels.rewrite(KERNEL)
     assert "(A_strides[1] == 0 || A_strides[1] == 1)" in new and "abot_buf_B" in new
     assert "  float tmp_A = *A;" in new  # MLX's loop, for any other stride
-    assert cpu_kernels.rewrite(new.replace("*D++", "D[0]")) == new.replace("*D++", "D[0]")  # unknown form: as is
+    assert kernels.rewrite(new.replace("*D++", "D[0]")) == new.replace("*D++", "D[0]")  # unknown form: as is
 
 
 def _build(tmp_path, source, tag):
@@ -79,7 +79,7 @@ def _call(kernel, a, b, c):
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
 def test_rewritten_kernel_matches_the_original_for_every_stride_pattern(tmp_path):
-    original, rewritten = _build(tmp_path, KERNEL, "orig"), _build(tmp_path, cpu_kernels.rewrite(KERNEL), "new")
+    original, rewritten = _build(tmp_path, KERNEL, "orig"), _build(tmp_path, kernels.rewrite(KERNEL), "new")
     rng = np.random.default_rng(0)
     full = rng.standard_normal((7, 1300)).astype(np.float32)  # rows longer than a 512-element chunk
     row = rng.standard_normal((7, 1)).astype(np.float32)  # inner stride 0: one value per row
@@ -91,7 +91,7 @@ def test_rewritten_kernel_matches_the_original_for_every_stride_pattern(tmp_path
         np.testing.assert_array_equal(_call(rewritten, a, b, c), _call(original, a, b, c))
 
 
-@pytest.mark.skipif(not cpu.jit_status.startswith("-march"), reason="abot's JIT wrapper not in use here")
+@pytest.mark.skipif(not prepare().jit.startswith("-march"), reason="abot's JIT wrapper not in use here")
 def test_mlx_compiled_broadcasts_through_the_wrapper_match_numpy():
     """MLX's own strided kernels, as built on this machine, on row/column broadcasts and a transposed input."""
     rng = np.random.default_rng(1)
@@ -129,7 +129,7 @@ void Cb1IGreaterf4OMultiply_VV_f4f4_0_contiguous(int* shape, int64_t** strides, 
 
 
 def test_bool_casts_become_selects_and_nothing_else_changes():
-    new = cpu_kernels.bool_casts(BOOL_KERNEL)
+    new = kernels.bool_casts(BOOL_KERNEL)
     assert "float tmp_E = static_cast<float>(tmp_D ? 1.0f : 0.0f);" in new
     assert "static_cast<int32_t>(tmp_B);" in new and "static_cast<float>(tmp_F)" in new  # not bools: as they were
 
@@ -137,7 +137,7 @@ def test_bool_casts_become_selects_and_nothing_else_changes():
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
 def test_bool_cast_kernel_matches_the_original(tmp_path):
     results = []
-    for tag, source in [("orig", BOOL_KERNEL), ("new", cpu_kernels.bool_casts(BOOL_KERNEL))]:
+    for tag, source in [("orig", BOOL_KERNEL), ("new", kernels.bool_casts(BOOL_KERNEL))]:
         src, lib = tmp_path / f"{tag}.cpp", tmp_path / f"lib{tag}.so"
         src.write_text(source)
         subprocess.run(["g++", "-O3", "-shared", "-fPIC", str(src), "-o", str(lib)], check=True)
@@ -150,7 +150,7 @@ def test_bool_cast_kernel_matches_the_original(tmp_path):
     np.testing.assert_array_equal(results[1], results[0])
 
 
-@pytest.mark.skipif(not cpu.jit_status.startswith("-march"), reason="abot's JIT wrapper not in use here")
+@pytest.mark.skipif(not prepare().jit.startswith("-march"), reason="abot's JIT wrapper not in use here")
 @pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16, mx.int32, mx.uint8])
 def test_mlx_compiled_bool_casts_match_numpy(dtype):
     """Comparisons and bool arrays cast to numbers, contiguous and broadcast, as built through the wrapper."""
