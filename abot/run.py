@@ -24,15 +24,14 @@ from abot.stage import Stage, StageData, check_stage, make_stage_eval, stage_dat
 from abot.step import init_state, make_train_step
 
 
-def decide_lanes(train: TrainConfig, world_size: int = 1) -> int:
+def decide_lanes(train: TrainConfig, world_size: int = 1, max_lanes: int | None = None) -> int:
     """How many parallel lanes the train step splits a micro-batch into on this machine (abot.platform.lanes).
 
     Call it before MLX's first evaluation, which fixes the evaluation order. Data-parallel ranks already share
     the cores, and a checkpointed step keeps its memory saving only on one stream: one lane for both.
     """
-    if world_size > 1 or train.gradient_checkpointing:
-        return 1
-    return parallel_lanes(train.micro_batch_size)
+    one = world_size > 1 or train.gradient_checkpointing
+    return parallel_lanes(train.micro_batch_size, max_lanes=1 if one else max_lanes)
 
 
 @dataclass

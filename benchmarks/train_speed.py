@@ -24,13 +24,12 @@ import abot  # noqa: F401  (loads the fast BLAS before mlx)
 import mlx.core as mx
 import numpy as np
 
-from abot.config import ModelConfig
-from abot.losses import next_token
-from abot.models.transformer import count_params, transformer
+from abot.config import ModelConfig, config_from_dict
+from abot.models.transformer import count_params
 from abot.platform import prepare
-from abot.platform.lanes import parallel_lanes
-from abot.registry import optimizers
-from abot.step import init_state, make_train_step
+from abot.run import build_step, decide_lanes
+from abot.stage import PRETRAIN
+from abot.step import init_state
 
 SHAPES = {  # NOTES.md benchmark shapes: (d_model, n_layers, n_heads, seq_len, batch)
     "tiny": (256, 6, 8, 256, 8),
@@ -78,13 +77,18 @@ def bench(shape, optimizer: str, compile: bool, checkpointing: bool, steps: int,
     and with checkpointing).
     """
     d, layers, heads, seq, batch = SHAPES[shape] if isinstance(shape, str) else shape
-    lanes = parallel_lanes(batch, max_lanes=1 if group or checkpointing else max_lanes)
-    cfg = ModelConfig(vocab_size=vocab, n_layers=layers, d_model=d, n_heads=heads, dropout=0.0, max_seq_len=seq)
-    model = transformer(cfg, gradient_checkpointing=checkpointing)
-    opt = optimizers.get(optimizer)(weight_decay=0.02)
-    state = init_state(model.init(mx.random.key(0)), opt, mx.random.key(1), precision)
-    step = make_train_step(model, next_token, opt, grad_accum_steps=accum, max_grad_norm=1.0, compile=compile,
-                           group=group, precision=precision, lanes=lanes)
+    cfg = config_from_dict({
+        "model": {"vocab_size": vocab, "n_layers": layers, "d_model": d, "n_heads": heads, "dropout": 0.0,
+                  "max_seq_len": seq},
+        "data": {"seq_len": seq},
+        "train": {"optimizer": optimizer, "weight_decay": 0.02, "micro_batch_size": batch, "grad_accum_steps": accum,
+                  "max_grad_norm": 1.0, "compile": compile, "gradient_checkpointing": checkpointing,
+                  "precision": precision}})
+    # As abot train builds it (abot.run): the lanes first, then the registry's model, optimizer and loss.
+    lanes = decide_lanes(cfg.train, group.size() if group else 1, max_lanes)
+    parts = build_step(cfg, PRETRAIN, lanes, group)
+    state = init_state(parts.model.init(mx.random.key(0)), parts.optimizer, mx.random.key(1), precision)
+    step = parts.step
     tokens = mx.random.randint(0, vocab, (accum, batch, seq + 1), key=mx.random.key(2))
     lr = mx.array(1e-3)
     mx.eval(state, tokens)
@@ -98,7 +102,7 @@ def bench(shape, optimizer: str, compile: bool, checkpointing: bool, steps: int,
             times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
     n_params = count_params(state["params"])
-    fpt = flops_per_token(cfg, n_params, seq)
+    fpt = flops_per_token(cfg.model, n_params, seq)
     tok_s = accum * batch * seq * (group.size() if group else 1) / step_s
     return {"tokens_per_s": tok_s, "step_s": step_s, "flops_per_token": fpt, "gflops": tok_s * fpt / 1e9,
             "peak_mem_gb": mx.get_peak_memory() / 1e9, "params_m": n_params / 1e6, "loss": metrics["loss"].item(),
