@@ -183,3 +183,31 @@ def test_dpo_through_the_compiled_train_step_with_accumulation():
         margins.append(m["reward_margin"].item())
     assert m["finite"].item() == 1.0 and margins[0] == pytest.approx(0.0, abs=1e-6)
     assert margins[-1] > margins[1] > 0 and m["accuracy"].item() > 0.5
+
+
+def test_reference_in_lanes_is_the_policy_bit_for_bit_at_equal_parameters():
+    """DPO's first evaluation (policy == reference) must show margins of exactly 0, not rounding noise: the
+    reference's rows go through the same lanes, in the same order, as the policy's inside the eval step."""
+    from abot.platform import prepare
+    from abot.platform.blas import NUMPY_OPENBLAS, set_blas_threads
+    from abot.platform.lanes import usable_cores
+    from abot.step import make_eval_step
+
+    model = transformer(ModelConfig(vocab_size=1000, n_layers=2, d_model=64, n_heads=4, dropout=0.0,
+                                    max_seq_len=64))
+    params = model.init(mx.random.key(3))
+    rng = np.random.default_rng(3)
+    chosen, rejected = (rng.integers(0, 1000, (8, 41)).astype(np.int32) for _ in range(2))
+    mask = (np.arange(40) >= 10).astype(np.float32) * np.ones((8, 1), np.float32)
+    batch = mx_tree({"chosen": chosen, "rejected": rejected, "chosen_mask": mask, "rejected_mask": mask})
+    one_thread = prepare().blas == NUMPY_OPENBLAS  # as lanes run their matmuls (where the rows' order showed)
+    if one_thread:
+        set_blas_threads(1)
+    try:
+        batch = add_reference_logprobs(make_reference_fn(model, lanes=2), params, batch, lanes=2)
+        _, metrics = make_eval_step(model, dpo, lanes=2)(params, batch)
+        mx.eval(metrics)
+    finally:
+        if one_thread:
+            set_blas_threads(usable_cores())
+    assert metrics["reward_margin"].item() == 0.0 and metrics["accuracy"].item() == 0.0

@@ -185,6 +185,25 @@ def test_loading_checks_the_tokenizer(run, tmp_path):
     assert load_for_inference(tmp_path / "moved.ckpt", tokenizer_path=run.tok.path).step == 1
 
 
+def test_a_run_folder_means_its_newest_checkpoint(run, tmp_path):
+    """`abot chat checkpoints/tiny-dpo`, as a new user types it after `abot dpo configs/dpo.yaml`."""
+    from abot.checkpoint import save_rotating
+    from abot.evaluate import evaluate_checkpoint
+    from abot.export import export_checkpoint
+
+    meta = {"config": run.cfg.to_dict(), "tokenizer_sha256": run.tok.sha256}
+    for step in (50, 100):
+        save_rotating(tmp_path / "tiny-dpo", {"state": {"params": run.params}}, step, meta, keep=3)
+    loaded = load_for_inference(tmp_path / "tiny-dpo")
+    assert loaded.step == 100 and loaded.path == tmp_path / "tiny-dpo" / "step_00000100.ckpt"
+    assert evaluate_checkpoint(tmp_path / "tiny-dpo", steps=1)["step"] == 100
+    export_checkpoint(tmp_path / "tiny-dpo", tmp_path / "hf", say=lambda line: None)
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AbotError, match="empty is a folder with no loadable checkpoint"):
+        load_for_inference(tmp_path / "empty")
+
+
 # --- command line --------------------------------------------------------------------------------------------
 
 def test_generate_command_streams_text(run):

@@ -17,7 +17,7 @@ _LEAF_STREAMS: contextvars.ContextVar[tuple] = contextvars.ContextVar("abot_leaf
 
 @contextlib.contextmanager
 def leaf_streams(streams):
-    """Inside, `spread` hands an update's leaves out over these MLX streams (abot.step, parallel shards).
+    """Inside, `spread` hands an update's leaves out over these MLX streams (abot.step, parallel lanes).
 
     A placement hint, nothing more: which stream computes a leaf never changes its value.
     """
@@ -31,7 +31,7 @@ def leaf_streams(streams):
 def spread(leaf_update: Callable) -> Callable:
     """`leaf_update` (mapped over the parameter tree) with each leaf on the least-loaded stream so far.
 
-    On the CPU a stream runs on one core; with a train step's parallel shards each stream's BLAS gets one
+    On the CPU a stream runs on one core; with a train step's parallel lanes each stream's BLAS gets one
     core too, so an update left on one stream (Muon's Newton-Schulz matmuls especially) would idle the
     rest. Load is counted in parameters; without `leaf_streams` this returns `leaf_update` unchanged.
     """
