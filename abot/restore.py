@@ -1,12 +1,15 @@
 """Open checkpoints for every command, and the one check of whether a checkpoint fits a config.
 
 Resume (`--resume`, `train.checkpoint_path`), `train.init_from`, generate, chat, eval and export all come
-here. A path may be a checkpoint file or a run folder (a `save_dir`), which means its newest loadable
-checkpoint. Each problem has one message, whichever command found it; only the fix differs.
+here. A path may be a checkpoint file, a run folder (a `save_dir`), which means its newest loadable
+checkpoint, or a Hugging Face model folder or Hub id (abot.models.hf), which reads as a checkpoint at step 0
+whose config is its model section and whose tokenizer is the folder's. Each problem has one message,
+whichever command found it; only the fix differs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -15,8 +18,9 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map
 
 from abot.checkpoint import Checkpoint, latest_checkpoint, list_checkpoints, load_checkpoint, verify_checkpoint
-from abot.config import Config, config_from_dict
+from abot.config import Config, ModelConfig, config_from_dict
 from abot.errors import AbotError
+from abot.models import hf
 from abot.tokenizer import Tokenizer, load_tokenizer
 
 # Model keys that may differ between a checkpoint and the config that continues from it: every other key
@@ -72,9 +76,44 @@ def resolve_checkpoint(path: str | Path, key: str = "checkpoint") -> Path:
 
 
 def open_checkpoint(path: str | Path, key: str = "checkpoint") -> Opened:
-    """Read the checkpoint at `path` (a file or a run folder); `key` names where the path came from."""
+    """Read the checkpoint at `path` (a file, a run folder, a Hugging Face folder or Hub id); `key` names where
+    the path came from."""
+    folder = hf.model_folder(path, key)
+    if folder is not None:
+        return open_model_folder(folder)
     path = resolve_checkpoint(path, key)
     return Opened(path, load_checkpoint(path))
+
+
+def open_model_folder(folder: Path) -> Opened:
+    """A Hugging Face model folder as a checkpoint at step 0: its model section, its tokenizer, its weights."""
+    from abot.build import build_model
+
+    cfg = config_from_dict({"model": hf.model_section(hf.read_config(folder), folder),
+                            "train": {"tokenizer_path": str(folder)}}, f"{folder} (config.json)", stored=True)
+    params = hf.params_from_tensors(hf.read_tensors(folder), cfg.to_dict()["model"], folder)
+    check_params_fit(params, build_model(cfg), folder)
+    return Opened(folder, Checkpoint(step=0, meta={"config": cfg.to_dict(), "source": "huggingface"},
+                                     trees={"params": params}))
+
+
+def with_model_folder(cfg: Config) -> Config:
+    """A run whose train.init_from is a Hugging Face model takes its model section and tokenizer from it.
+
+    The YAML needs neither; a model key it gives anyway must agree with the folder (dropout may differ), and a
+    train.tokenizer_path it gives is used as given (and checked against the vocabulary like any other).
+    """
+    folder = hf.model_folder(cfg.train.init_from, "train.init_from") if cfg.train.init_from else None
+    if folder is None:
+        return cfg
+    section = hf.model_section(hf.read_config(folder), folder)
+    given = {k.partition(".")[2] for k in cfg.given if k.startswith("model.")}
+    mine = cfg.to_dict()["model"]
+    check_model_fits({k: v for k, v in section.items() if k in given}, {k: mine[k] for k in given},
+                     f"train.init_from {folder}", "remove those keys from the model section: the folder gives them")
+    model = ModelConfig(**{**section, **{k: mine[k] for k in given}})
+    tokenizer = cfg.train.tokenizer_path if "train.tokenizer_path" in cfg.given else str(folder)
+    return dataclasses.replace(cfg, model=model, train=dataclasses.replace(cfg.train, tokenizer_path=tokenizer))
 
 
 # ---------------------------------------------------------------------------------------------- the checks
@@ -171,10 +210,7 @@ def load_init_params(cfg: Config, tokenizer: Tokenizer, model) -> tuple[dict, Pa
                      "copy the model section of the config the checkpoint was trained with")
     check_tokenizer_fits(opened.meta, tokenizer, where,
                          "point train.tokenizer_path at the tokenizer of the pre-training run")
-    try:
-        params = opened.ckpt.trees["state"]["params"]
-    except (KeyError, TypeError):
-        raise AbotError(f"{where}: no training state (state.params) in this checkpoint") from None
+    params = opened.params()
     check_params_fit(params, model, where)
     return tree_map(lambda p: p.astype(mx.float32), params), opened.path
 

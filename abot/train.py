@@ -20,6 +20,7 @@ from abot.finetune.batches import describe as describe_data
 from abot.guards import StopRequest, Watchdog, distributed_world
 from abot.metrics import NullLogger, RunLogger
 from abot.platform import device
+from abot.restore import with_model_folder
 from abot.run import Run, build_run, decide_lanes
 from abot.stage import check_stage
 
@@ -198,6 +199,7 @@ def train(cfg: Config, resume: bool = False, console: Console | None = None, sta
     """
     from abot.verify import preflight  # save_dir writable, disk for a checkpoint, memory estimate (warn)
 
+    cfg = with_model_folder(cfg)  # train.init_from a Hugging Face model: its model section and tokenizer
     world = distributed_world()
     console = console or Console()
     if world.rank != 0:  # rank 0 alone prints, logs and writes checkpoints

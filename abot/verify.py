@@ -19,6 +19,7 @@ from typing import Callable
 
 from abot.config import Config, load_config
 from abot.errors import AbotError, ConfigError
+from abot.restore import with_model_folder
 from abot.memory import Shapes, estimate_memory, machine_memory, measure_step_peak, model_shapes
 from abot.run import decide_lanes
 from abot.unread import unread_keys
@@ -56,8 +57,8 @@ def check_config(path: str | Path, overrides: list[str] = ()) -> tuple[Check, Co
     names (model, optimizer and its options, schedule, data source)."""
     name = "config valid"
     try:
-        cfg = load_config(path, overrides)
-    except ConfigError as err:
+        cfg = with_model_folder(load_config(path, overrides))  # train.init_from a Hugging Face model
+    except AbotError as err:
         problems = getattr(err, "problems", None) or [str(err)]
         detail = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}: " + "; ".join(problems)
         return Check(name, FAIL, detail, f"edit {path} (or the command-line overrides) as each message says"), None

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from abot.config import DataConfig
-from abot.data import corpus, sources
+from abot import hub
+from abot.data import corpus
 from abot.data.pipeline import BatchStream, buffer_shuffle, eval_batches, token_windows
 from abot.data.sources import huggingface, stdlib_docs
 from abot.errors import AbotError
@@ -213,7 +214,7 @@ def test_hub_probe_does_not_hang_on_slow_name_resolution(monkeypatch):
 
     monkeypatch.setattr(socket, "create_connection", stuck_resolver)
     start = time.perf_counter()
-    assert "no answer" in sources._probe("huggingface.co", 443, timeout=0.2)
+    assert "no answer" in hub.probe("huggingface.co", 443, timeout=0.2)
     assert time.perf_counter() - start < 1.0
 
 

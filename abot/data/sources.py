@@ -27,12 +27,10 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
-import socket
-import threading
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
-from urllib.parse import urlparse
 
+from abot import hub
 from abot.config import DataConfig
 from abot.data.known import with_known_defaults
 from abot.data.pipeline import buffer_shuffle, epoch_rng
@@ -40,7 +38,6 @@ from abot.errors import AbotError
 
 Documents = Callable[[int], Iterable[str]]
 SOURCE_SPLITS = ("train", "eval")
-HUB_PROBE_TIMEOUT_S = 1.0
 
 # Loaders that ship inside `datasets` and read local files (data.dataset: json + data.data_files: ...).
 _FALLBACK_PACKAGED = frozenset({"json", "text", "parquet", "csv", "arrow", "pandas", "webdataset", "xml"})
@@ -318,43 +315,14 @@ def _hub_unreachable_message(name: str, reason: str) -> str:
             "A dataset downloaded before loads from the cache with HF_HUB_OFFLINE=1.")
 
 
-def _flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
-
-
 def _check_hub_reachable(name: str) -> None:
-    """Fail in about a second, not after ~23 s of retries, when the Hub cannot be reached.
+    """Fail in about a second when the Hub cannot be reached (abot.hub).
 
     Offline mode (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE): no probe; `datasets` itself fails at once unless
-    the dataset is in the local cache. With a proxy configured a direct connection says nothing: no probe.
+    the dataset is in the local cache.
     """
-    if _flag("HF_HUB_OFFLINE") or _flag("HF_DATASETS_OFFLINE"):
+    if hub.flag("HF_HUB_OFFLINE") or hub.flag("HF_DATASETS_OFFLINE"):
         return
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    host = endpoint.hostname or "huggingface.co"
-    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
-    reason = _probe(host, port, HUB_PROBE_TIMEOUT_S)
+    reason = hub.unreachable()
     if reason:
         raise AbotError(_hub_unreachable_message(name, reason))
-
-
-def _probe(host: str, port: int, timeout: float) -> str | None:
-    """None if a TCP connection to host:port opens within `timeout` seconds, else why not.
-
-    Runs in a daemon thread because name resolution ignores socket timeouts and can block for many seconds.
-    """
-    result: list[str | None] = ["no answer within %.0f s" % timeout]
-
-    def connect():
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-            result[0] = None
-        except OSError as err:
-            result[0] = f"{host}:{port}: {err}"
-
-    thread = threading.Thread(target=connect, daemon=True, name="abot-hub-probe")
-    thread.start()
-    thread.join(timeout)
-    return result[0]
