@@ -119,7 +119,13 @@ def with_model_folder(cfg: Config) -> Config:
 # ---------------------------------------------------------------------------------------------- the checks
 
 def check_model_fits(stored: dict, model: dict, where: Any, fix: str) -> None:
-    """The config's model section against the one a checkpoint was trained with (dropout may change)."""
+    """The config's model section against the one a checkpoint was trained with (dropout may change).
+
+    A key the stored section lacks (written before the key existed) held its default then: checkpoints of
+    abot's own model predate n_kv_heads, rope_scaling, ...; a section with no keys at all is not compared.
+    """
+    if stored:
+        stored = {**dataclasses.asdict(ModelConfig()), **stored}
     bad = [k for k, v in model.items() if k not in SAFE_MODEL_CHANGES and k in stored and stored[k] != v]
     if bad:
         diffs = ", ".join(f"model.{k}: checkpoint {stored[k]!r}, config {model[k]!r}" for k in bad)
