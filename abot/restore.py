@@ -18,8 +18,8 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map
 
 from abot.checkpoint import Checkpoint, latest_checkpoint, list_checkpoints, load_checkpoint, verify_checkpoint
-from abot.config import Config, ModelConfig, config_from_dict
-from abot.errors import AbotError
+from abot.config import Config, DataConfig, ModelConfig, config_from_dict, validation_problems
+from abot.errors import AbotError, ConfigError
 from abot.models import hf
 from abot.tokenizer import Tokenizer, load_tokenizer
 
@@ -89,7 +89,8 @@ def open_model_folder(folder: Path) -> Opened:
     """A Hugging Face model folder as a checkpoint at step 0: its model section, its tokenizer, its weights."""
     from abot.build import build_model
 
-    cfg = config_from_dict({"model": hf.model_section(hf.read_config(folder), folder),
+    model = hf.model_section(hf.read_config(folder), folder)
+    cfg = config_from_dict({"model": model, "data": {"seq_len": min(DataConfig.seq_len, model["max_seq_len"])},
                             "train": {"tokenizer_path": str(folder)}}, f"{folder} (config.json)", stored=True)
     params = hf.params_from_tensors(hf.read_tensors(folder), cfg.to_dict()["model"], folder)
     check_params_fit(params, build_model(cfg), folder)
@@ -113,7 +114,11 @@ def with_model_folder(cfg: Config) -> Config:
                      f"train.init_from {folder}", "remove those keys from the model section: the folder gives them")
     model = ModelConfig(**{**section, **{k: mine[k] for k in given}})
     tokenizer = cfg.train.tokenizer_path if "train.tokenizer_path" in cfg.given else str(folder)
-    return dataclasses.replace(cfg, model=model, train=dataclasses.replace(cfg.train, tokenizer_path=tokenizer))
+    cfg = dataclasses.replace(cfg, model=model, train=dataclasses.replace(cfg.train, tokenizer_path=tokenizer))
+    problems = validation_problems(cfg)  # the folder's model against the YAML's data and train sections
+    if problems:
+        raise ConfigError(f"train.init_from {folder}: with the folder's model section, " + "; ".join(problems))
+    return cfg
 
 
 # ---------------------------------------------------------------------------------------------- the checks

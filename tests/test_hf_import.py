@@ -8,11 +8,12 @@ import json
 import shutil
 from pathlib import Path
 
-import huggingface_hub
 import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_map
+
+from huggingface_hub import constants as hub_constants
 
 from abot.build import build_model
 from abot.config import load_config
@@ -27,7 +28,7 @@ KINDS = ["llama", "qwen2", "qwen3"]
 
 
 def expected(kind: str) -> dict:
-    return mx.load(str(FIXTURES / kind / "expected.safetensors"))
+    return mx.load(str(FIXTURES / kind / "expected.npz"))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -114,7 +115,7 @@ def test_sharded_weights_load_through_the_index(tmp_path):
 
 def test_a_hub_id_offline_and_not_cached_fails_at_once_saying_how_to_point_at_a_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     with pytest.raises(AbotError) as err:
         open_checkpoint("HuggingFaceTB/SmolLM2-135M", "train.init_from")
     message = str(err.value)
@@ -129,20 +130,20 @@ def test_a_hub_id_in_the_local_cache_loads(tmp_path, monkeypatch):
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("0123abcd")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
     opened = open_checkpoint("someone/tiny-qwen3")
     assert opened.path == repo / "snapshots" / "0123abcd" and opened.config().model.qk_norm
 
 
 def test_a_run_from_a_folder_takes_the_model_section_and_tokenizer_from_it(tmp_path):
     yaml = tmp_path / "sft.yaml"
-    yaml.write_text(f"train:\n  init_from: {FIXTURES / 'qwen3'}\n")
+    yaml.write_text(f"data:\n  seq_len: 64\ntrain:\n  init_from: {FIXTURES / 'qwen3'}\n")
     cfg = with_model_folder(load_config(yaml))
     assert cfg.model.qk_norm and cfg.model.head_dim == 32 and cfg.train.tokenizer_path == str(FIXTURES / "qwen3")
-    yaml.write_text(f"model:\n  dropout: 0.1\n  n_kv_heads: 2\ntrain:\n  init_from: {FIXTURES / 'qwen3'}\n")
+    yaml.write_text(f"model:\n  dropout: 0.1\n  n_kv_heads: 2\ndata:\n  seq_len: 64\ntrain:\n  init_from: {FIXTURES / 'qwen3'}\n")
     assert with_model_folder(load_config(yaml)).model.dropout == 0.1  # dropout may differ; the rest must agree
-    yaml.write_text(f"model:\n  d_model: 128\ntrain:\n  init_from: {FIXTURES / 'qwen3'}\n")
-    with pytest.raises(AbotError, match=r"model.d_model: checkpoint 64, config 128"):
+    yaml.write_text(f"model:\n  n_kv_heads: 1\ndata:\n  seq_len: 64\ntrain:\n  init_from: {FIXTURES / 'qwen3'}\n")
+    with pytest.raises(AbotError, match=r"model.n_kv_heads: checkpoint 2, config 1"):
         with_model_folder(load_config(yaml))
 
 
