@@ -32,6 +32,7 @@ import numpy as np
 from abot.config import Config, DataConfig
 from abot.data.pipeline import DOCS_PER_CHUNK, Encoder, _chunks
 from abot.errors import AbotError
+from abot.tokenizer import document_start
 
 FORMAT = "abot-token-shards"
 FORMAT_VERSION = 1
@@ -89,7 +90,7 @@ def write_split(docs: Iterable[str], tokenizer: Encoder, folder: Path, split: st
     """
     if tokens_per_shard < 1:
         raise AbotError(f"tokens per shard must be positive, got {tokens_per_shard}")
-    dtype, eos = token_dtype(vocab_size), tokenizer.eos_id
+    dtype, eos, start = token_dtype(vocab_size), tokenizer.eos_id, document_start(tokenizer)
     writer = _ShardWriter(folder, split, dtype, tokens_per_shard)
     total = documents = 0
     truncated = False
@@ -101,6 +102,7 @@ def write_split(docs: Iterable[str], tokenizer: Encoder, folder: Path, split: st
             encoded = tokenizer.encode_batch(chunk, num_threads)
             tokens: list[int] = []
             for ids in encoded:
+                tokens.extend(start)
                 tokens.extend(ids)
                 tokens.append(eos)
             flat = np.asarray(tokens, dtype=np.int64)
