@@ -17,6 +17,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from abot.chat_template import render
 from abot.config import config_from_dict
 from abot.data.pipeline import token_windows
+from abot.data.shards import write_split
 from abot.errors import AbotError
 from abot.finetune.batches import encode_conversation, encode_pair
 from abot.generate import prompt_ids, stops_of
@@ -149,6 +150,9 @@ def test_bos_rule_from_the_post_processor_and_from_add_bos_token(bpe, tmp_path):
     windows = list(token_windows(["Hello", "It is four."], llama, window=4))
     flat = np.concatenate(windows).tolist()
     assert flat[0] == bos and flat.count(bos) == 2  # every document starts with BOS, and ends with EOS
+    entry = write_split(["Hello", "It is four."], llama, tmp_path, "train", vocab_size=512)
+    shard = np.fromfile(tmp_path / entry["files"][0], dtype="<u2").tolist()
+    assert shard == [bos, *llama.encode("Hello"), llama.eos_id, bos, *llama.encode("It is four."), llama.eos_id]
     off = load_tokenizer(llama_folder(tmp_path / "off", bpe[1], add_bos_token=False))
     assert (off.bos_id, off.add_bos) == (bos, False) and document_start(off) == []
     chatml = load_tokenizer(chatml_folder(tmp_path, bpe[0]))  # no BOS at all: a raw prompt starts after an EOS
@@ -319,3 +323,53 @@ def test_a_checkpoint_refuses_a_tokenizer_larger_than_its_model(bpe, tmp_path):
     opened = open_checkpoint(tmp_path / "m.ckpt")
     with pytest.raises(AbotError, match=r"tokens, but the model of .* has 256 \(model.vocab_size must be at least"):
         checkpoint_tokenizer(cfg, opened)
+
+
+# --- end to end: SFT with a Hugging Face tokenizer, then chat and export --------------------------------------
+
+@pytest.mark.slow
+def test_sft_with_a_hf_tokenizer_trains_chats_and_exports(bpe, tmp_path):
+    import subprocess
+    import sys
+
+    from abot.checkpoint import latest_checkpoint
+    from abot.export import export_checkpoint
+    from abot.generate import chat_loop, load_for_inference
+
+    root = Path(__file__).resolve().parent.parent
+    folder = chatml_folder(tmp_path, bpe[0])
+    args = ["model.vocab_size=512", "model.n_layers=2", "model.d_model=64", "model.n_heads=4",
+            "model.max_seq_len=128", f"train.tokenizer_path={folder}", "train.init_from=null",
+            f"train.save_dir={tmp_path}/sft", "data.seq_len=96", "train.micro_batch_size=8", "train.total_steps=30",
+            "train.lr=3e-3", "train.warmup_steps=3", "train.log_interval=10", "train.eval_interval=30",
+            "train.eval_steps=2", "train.ckpt_interval=30", "data.shuffle_buffer=64"]
+    out = subprocess.run([sys.executable, "-m", "abot", "sft", str(root / "configs" / "sft.yaml"), *args],
+                         capture_output=True, text=True, cwd=root, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    summary = json.loads((tmp_path / "sft" / "logs" / "final_training_summary.json").read_text())
+    assert summary["final_eval"]["loss"] < summary["initial_eval"]["loss"] - 0.5
+
+    loaded = load_for_inference(tmp_path / "sft")
+    assert loaded.tokenizer.kind == "huggingface" and loaded.tokenizer.sha256 == load_tokenizer(folder).sha256
+    lines, written = iter(["Hello there", "/quit"]), []
+    assert chat_loop(loaded, read=lambda _: next(lines), write=lambda *a, **k: written.append(a[0] if a else ""),
+                     max_new_tokens=12) == 0
+    assert len("".join(written)) > 1  # a reply was streamed (and a newline after it)
+
+    exported = export_checkpoint(latest_checkpoint(tmp_path / "sft"), tmp_path / "hf", say=lambda _: None)
+    assert (exported / "tokenizer.json").read_bytes() == (folder / "tokenizer.json").read_bytes()
+    assert not (exported / "tokenizer.model").exists()
+    tok_config = json.loads((exported / "tokenizer_config.json").read_text())
+    assert tok_config["chat_template"] == CHATML and tok_config["eos_token"] == "<|im_end|>"
+    im_end, eot = bpe[0].token_to_id("<|im_end|>"), bpe[0].token_to_id("<|endoftext|>")
+    assert json.loads((exported / "generation_config.json").read_text())["eos_token_id"] == [im_end, eot]
+    config = json.loads((exported / "config.json").read_text())
+    assert (config["eos_token_id"], config["pad_token_id"], config["bos_token_id"]) == (im_end, eot, None)
+    again = load_tokenizer(exported)  # the export is itself a folder abot (and transformers) can read
+    assert render(CHAT, tokenizer=again) == render(CHAT, tokenizer=loaded.tokenizer)
+    try:
+        import transformers
+    except ImportError:
+        return
+    theirs = transformers.AutoTokenizer.from_pretrained(str(exported))
+    assert theirs.apply_chat_template(CHAT, tokenize=False) == again.decode(render(CHAT, tokenizer=again).ids)
