@@ -30,14 +30,26 @@ class ModelConfig:
     vocab_size: int = 32000  # must match the tokenizer's vocabulary
     n_layers: int = 12
     d_model: int = 768
-    n_heads: int = 12  # d_model must be divisible by n_heads
-    mlp_multiple: float = 4.0  # MLP hidden size = mlp_multiple * d_model
+    n_heads: int = 12  # query heads; d_model must be divisible by n_heads unless head_dim is set
+    mlp_multiple: float = 4.0  # MLP hidden size = mlp_multiple * d_model (unless mlp_hidden is set)
     dropout: float = 0.1
     max_seq_len: int = 4096  # longest sequence RoPE and generation support
     rope_theta: float = 10000.0
     ffn_activation: str = "silu"  # "silu" (SwiGLU) or "gelu" (GELU MLP)
     norm_eps: float = 1e-5  # RMSNorm epsilon
     tie_embeddings: bool = True
+    # Shapes of Llama / Mistral / Qwen2 / Qwen3 checkpoints; the defaults are abot's own model.
+    n_kv_heads: Union[int, None] = None  # key/value heads (grouped-query attention); null: n_heads
+    head_dim: Union[int, None] = None  # width of one attention head; null: d_model / n_heads
+    qkv_bias: bool = False  # biases on the q, k and v projections (Qwen2; Llama's attention_bias)
+    attn_out_bias: bool = False  # a bias on the attention output projection (Llama's attention_bias)
+    qk_norm: bool = False  # RMSNorm over head_dim on each head of q and k, before RoPE (Qwen3)
+    rope_scaling: Union[dict, None] = None  # null, or {rope_type: llama3, factor, low_freq_factor, ...}
+    mlp_hidden: Union[int, None] = None  # MLP hidden size given directly; null: mlp_multiple * d_model
+
+
+# model.rope_scaling: the supported types and the keys each one needs (Hugging Face's names).
+ROPE_SCALING_KEYS = {"llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
 
 
 @dataclass
@@ -293,10 +305,9 @@ def validation_problems(cfg: Config) -> list[str]:
                 ("train.ckpt_interval", t.ckpt_interval), ("train.ckpt_keep", t.ckpt_keep),
                 ("model.mlp_multiple", m.mlp_multiple), ("model.rope_theta", m.rope_theta)]
     errors += [f"{k} must be positive, got {v}" for k, v in positive if v <= 0]
-    if m.n_heads > 0 and m.d_model % m.n_heads:
-        errors.append(f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})")
-    elif m.n_heads > 0 and (m.d_model // m.n_heads) % 2:
-        errors.append(f"model.d_model / model.n_heads = {m.d_model // m.n_heads} must be even for RoPE")
+    errors += attention_problems(m) + rope_scaling_problems(m.rope_scaling)
+    if m.mlp_hidden is not None and m.mlp_hidden <= 0:
+        errors.append(f"model.mlp_hidden must be positive (or null for mlp_multiple * d_model), got {m.mlp_hidden}")
     if d.seq_len > m.max_seq_len:
         errors.append(f"data.seq_len ({d.seq_len}) must be <= model.max_seq_len ({m.max_seq_len})")
     if m.ffn_activation not in ACTIVATIONS:
@@ -315,4 +326,46 @@ def validation_problems(cfg: Config) -> list[str]:
             errors.append(f"{k} must be >= 0, got {v}")
     if t.min_lr > t.lr:
         errors.append(f"train.min_lr ({t.min_lr}) must be <= train.lr ({t.lr})")
+    return errors
+
+
+def attention_problems(m: ModelConfig) -> list[str]:
+    """The attention shape rules: heads divide d_model (or head_dim is given), kv heads divide the query
+    heads (each kv head serves n_heads / n_kv_heads of them), an even head width (RoPE rotates pairs)."""
+    errors = []
+    if m.n_kv_heads is not None and m.n_kv_heads <= 0:
+        errors.append(f"model.n_kv_heads must be positive (or null for n_heads), got {m.n_kv_heads}")
+    elif m.n_kv_heads is not None and m.n_heads > 0 and m.n_heads % m.n_kv_heads:
+        errors.append(f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({m.n_kv_heads}): "
+                      "each key/value head serves the same number of query heads")
+    if m.head_dim is not None:
+        if m.head_dim <= 0 or m.head_dim % 2:
+            errors.append(f"model.head_dim must be positive and even for RoPE, got {m.head_dim}")
+    elif m.n_heads > 0 and m.d_model % m.n_heads:
+        errors.append(f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads}) "
+                      "(or set model.head_dim)")
+    elif m.n_heads > 0 and (m.d_model // m.n_heads) % 2:
+        errors.append(f"model.d_model / model.n_heads = {m.d_model // m.n_heads} must be even for RoPE")
+    return errors
+
+
+def rope_scaling_problems(scaling: Any) -> list[str]:
+    """model.rope_scaling: null or a supported type with exactly its keys, each a positive number."""
+    if scaling is None:
+        return []
+    supported = ", ".join(ROPE_SCALING_KEYS)
+    kind = scaling.get("rope_type")
+    if kind not in ROPE_SCALING_KEYS:
+        return [f"model.rope_scaling: rope_type {kind!r} is not supported; supported: {supported} "
+                "(or null for no scaling)"]
+    needed = ROPE_SCALING_KEYS[kind]
+    errors = [f"model.rope_scaling.{k}: required for rope_type {kind}" for k in needed if k not in scaling]
+    errors += [f"model.rope_scaling.{k}: unknown key for rope_type {kind}{_suggest(str(k), needed)}"
+               for k in scaling if k != "rope_type" and k not in needed]
+    errors += [f"model.rope_scaling.{k} must be a positive number, got {scaling[k]!r}" for k in needed
+               if k in scaling and not (isinstance(scaling[k], (int, float)) and not isinstance(scaling[k], bool)
+                                        and scaling[k] > 0)]
+    if not errors and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+        errors.append(f"model.rope_scaling.high_freq_factor ({scaling['high_freq_factor']}) must be greater than "
+                      f"low_freq_factor ({scaling['low_freq_factor']})")
     return errors

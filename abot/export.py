@@ -1,14 +1,19 @@
-"""`abot export`: a checkpoint as a Hugging Face Llama folder (LlamaForCausalLM, float32 safetensors).
+"""`abot export`: a checkpoint as a Hugging Face folder (Llama, Qwen2 or Qwen3 architecture, float32 safetensors).
 
-abot's transformer is Llama's architecture with multi-head attention (num_key_value_heads ==
-num_attention_heads), no biases, RMSNorm (same formula as LlamaRMSNorm), a SwiGLU MLP and RoPE in the
-"rotate-half" layout (mx.fast.rope with traditional=False: dimension i pairs with i + head_dim/2, the
-layout of Hugging Face's LlamaAttention), so q_proj/k_proj need no permutation: every weight is only
-transposed from abot's (in, out) to torch's (out, in). Tensor names:
+abot's transformer is Llama's architecture: grouped-query attention (num_key_value_heads), RMSNorm (same
+formula as LlamaRMSNorm), a SwiGLU MLP and RoPE in the "rotate-half" layout (mx.fast.rope with
+traditional=False: dimension i pairs with i + head_dim/2, the layout of Hugging Face's LlamaAttention), so
+q_proj/k_proj need no permutation: every weight is only transposed from abot's (in, out) to torch's
+(out, in). The attention options pick the architecture (`hf_architecture`): q/k norms -> Qwen3ForCausalLM;
+q/k/v biases without an o bias -> Qwen2ForCausalLM; otherwise LlamaForCausalLM (attention_bias when
+q, k, v and o all have biases). Tensor names:
 
     embed                    -> model.embed_tokens.weight        (vocab, d)
     blocks[i].wq / wk / wv   -> model.layers.{i}.self_attn.{q,k,v}_proj.weight
     blocks[i].wo             -> model.layers.{i}.self_attn.o_proj.weight
+    blocks[i].bq / bk / bv   -> model.layers.{i}.self_attn.{q,k,v}_proj.bias   (model.qkv_bias)
+    blocks[i].bo             -> model.layers.{i}.self_attn.o_proj.bias         (model.attn_out_bias)
+    blocks[i].q_norm/k_norm  -> model.layers.{i}.self_attn.{q,k}_norm.weight   (model.qk_norm, Qwen3)
     blocks[i].w_gate / w_up  -> model.layers.{i}.mlp.{gate,up}_proj.weight
     blocks[i].w_down         -> model.layers.{i}.mlp.down_proj.weight
     blocks[i].attn_norm      -> model.layers.{i}.input_layernorm.weight
@@ -16,7 +21,8 @@ transposed from abot's (in, out) to torch's (out, in). Tensor names:
     final_norm               -> model.norm.weight
     head (untied only)       -> lm_head.weight                    (tie_word_embeddings otherwise)
 
-Dropout is an inference no-op and is dropped. GELU MLPs are refused: Llama has no GELU variant.
+Dropout is an inference no-op and is dropped. Refused, because no Hugging Face decoder of these families
+has them: GELU MLPs, a bias on o_proj without q/k/v biases, and q/k norms with biases on q, k, v only.
 A model trained with a Hugging Face tokenizer exports that tokenizer's own files and chat template
 (abot.export_hf_tokenizer). abot's own tokenizer is the SentencePiece file itself; abot never adds BOS (nor EOS) when encoding, so the
 exported tokenizer is configured with add_bos_token/add_eos_token false and no dummy prefix space.
@@ -39,7 +45,7 @@ import numpy as np
 from abot.config import Config
 from abot.errors import AbotError
 from abot.export_hf_tokenizer import special_ids, write_hf_tokenizer
-from abot.models.transformer import hidden_size
+from abot.models.transformer import head_dim, hidden_size, kv_heads
 from abot.restore import checkpoint_tokenizer, open_checkpoint
 from abot.token_layout import BOS, BOS_ID, CHAT_MARKERS, END_ID, EOS, EOS_ID, FIRST_USER_ID, PAD, PAD_ID, UNK, UNK_ID
 
@@ -54,55 +60,82 @@ def _to_numpy(a: mx.array) -> np.ndarray:
     return np.asarray(a.astype(mx.float32))
 
 
-def hf_tensors(params: dict, cfg: Config) -> dict[str, np.ndarray]:
-    """abot parameters -> Hugging Face Llama state dict (float32, torch's (out, in) layout, contiguous)."""
-    m = cfg.model
-    if m.ffn_activation != "silu":
-        raise AbotError(f"model.ffn_activation is '{m.ffn_activation}': a GELU MLP has no Llama equivalent "
-                        "(LlamaForCausalLM is SwiGLU only), so this model cannot be exported as Llama")
+def hf_architecture(m) -> tuple[str, str, dict]:
+    """(architecture, model_type, family-specific config.json fields) for a model section; refuses what no
+    Hugging Face decoder of these families computes, naming the key."""
     if m.name != "transformer":
         raise AbotError(f"model.name is '{m.name}': only abot's built-in 'transformer' maps onto Llama")
+    if m.ffn_activation != "silu":
+        raise AbotError(f"model.ffn_activation is '{m.ffn_activation}': a GELU MLP has no Llama equivalent "
+                        "(LlamaForCausalLM, Qwen2 and Qwen3 are SwiGLU only), so this model cannot be exported")
+    qwen = {"use_sliding_window": False, "sliding_window": None, "max_window_layers": m.n_layers}
+    if m.qk_norm:
+        if m.qkv_bias != m.attn_out_bias:
+            raise AbotError(f"model.qk_norm with model.qkv_bias {m.qkv_bias} and model.attn_out_bias "
+                            f"{m.attn_out_bias}: Qwen3 (the architecture with q/k norms) has biases on q, k, v "
+                            "and o together or on none (attention_bias)")
+        return "Qwen3ForCausalLM", "qwen3", {**qwen, "attention_bias": m.qkv_bias}
+    if m.qkv_bias and not m.attn_out_bias:
+        return "Qwen2ForCausalLM", "qwen2", qwen
+    if m.attn_out_bias and not m.qkv_bias:
+        raise AbotError("model.attn_out_bias without model.qkv_bias: no Hugging Face decoder has a bias on "
+                        "o_proj alone (Llama's attention_bias puts biases on q, k, v and o)")
+    return "LlamaForCausalLM", "llama", {"attention_bias": m.qkv_bias, "mlp_bias": False, "pretraining_tp": 1}
+
+
+# abot's block leaves -> Hugging Face's names in a decoder layer (biases and q/k norms only where present).
+LAYER_LINEARS = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj",
+                 "wo": "self_attn.o_proj", "w_gate": "mlp.gate_proj", "w_up": "mlp.up_proj",
+                 "w_down": "mlp.down_proj"}
+LAYER_VECTORS = {"attn_norm": "input_layernorm.weight", "mlp_norm": "post_attention_layernorm.weight",
+                 "bq": "self_attn.q_proj.bias", "bk": "self_attn.k_proj.bias", "bv": "self_attn.v_proj.bias",
+                 "bo": "self_attn.o_proj.bias", "q_norm": "self_attn.q_norm.weight",
+                 "k_norm": "self_attn.k_norm.weight"}
+
+
+def hf_tensors(params: dict, cfg: Config) -> dict[str, np.ndarray]:
+    """abot parameters -> Hugging Face state dict (float32, torch's (out, in) layout, contiguous)."""
+    hf_architecture(cfg.model)  # refuses what no architecture represents
 
     def linear(w):  # (in, out) -> (out, in)
         return np.ascontiguousarray(_to_numpy(w).T)
 
     out = {"model.embed_tokens.weight": np.ascontiguousarray(_to_numpy(params["embed"]))}
-    names = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj", "wo": "self_attn.o_proj",
-             "w_gate": "mlp.gate_proj", "w_up": "mlp.up_proj", "w_down": "mlp.down_proj"}
     for i, block in enumerate(params["blocks"]):
-        for ours, theirs in names.items():
+        for ours, theirs in LAYER_LINEARS.items():
             out[f"model.layers.{i}.{theirs}.weight"] = linear(block[ours])
-        out[f"model.layers.{i}.input_layernorm.weight"] = _to_numpy(block["attn_norm"])
-        out[f"model.layers.{i}.post_attention_layernorm.weight"] = _to_numpy(block["mlp_norm"])
+        for ours, theirs in LAYER_VECTORS.items():
+            if ours in block:
+                out[f"model.layers.{i}.{theirs}"] = _to_numpy(block[ours])
     out["model.norm.weight"] = _to_numpy(params["final_norm"])
-    if not m.tie_embeddings:
+    if not cfg.model.tie_embeddings:
         out["lm_head.weight"] = linear(params["head"])
     return out
 
 
 def hf_config(cfg: Config) -> dict:
+    """config.json: the architecture `hf_architecture` picks, with every field that changes the maths."""
     m = cfg.model
+    architecture, model_type, family = hf_architecture(m)
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [architecture],
+        "model_type": model_type,
         "hidden_size": m.d_model,
         "intermediate_size": hidden_size(m),
         "num_hidden_layers": m.n_layers,
         "num_attention_heads": m.n_heads,
-        "num_key_value_heads": m.n_heads,
-        "head_dim": m.d_model // m.n_heads,
+        "num_key_value_heads": kv_heads(m),
+        "head_dim": head_dim(m),
         "hidden_act": "silu",
         "rms_norm_eps": m.norm_eps,
         "rope_theta": m.rope_theta,
-        "rope_scaling": None,
+        "rope_scaling": dict(m.rope_scaling) if m.rope_scaling is not None else None,
         "vocab_size": m.vocab_size,
         "max_position_embeddings": m.max_seq_len,
         "tie_word_embeddings": m.tie_embeddings,
-        "attention_bias": False,
+        **family,
         "attention_dropout": 0.0,
-        "mlp_bias": False,
         "initializer_range": 0.02,
-        "pretraining_tp": 1,
         "use_cache": True,
         "torch_dtype": "float32",
         "bos_token_id": BOS_ID,
@@ -147,19 +180,19 @@ def generation_config() -> dict:
 
 def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, tokenizer_path: str | Path | None = None,
                       say: Callable[[str], None] = print, force: bool = False) -> Path:
-    """Write the Hugging Face Llama folder for `ckpt_path` into `out_dir`; returns `out_dir`."""
+    """Write the Hugging Face folder for `ckpt_path` into `out_dir`; returns `out_dir`."""
     from safetensors.numpy import save_file
 
     opened, out_dir = open_checkpoint(ckpt_path), Path(out_dir)
     cfg = opened.config()
-    tensors = hf_tensors(opened.params(), cfg)  # refuses GELU before writing anything
+    tensors = hf_tensors(opened.params(), cfg)  # refuses what no architecture has before writing anything
     tokenizer = checkpoint_tokenizer(cfg, opened, tokenizer_path)
     if out_dir.exists() and not out_dir.is_dir():
         raise AbotError(f"--out {out_dir}: exists and is not a folder")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
         raise AbotError(f"--out {out_dir}: the folder is not empty; choose a new folder or pass --force")
     if cfg.model.dropout > 0:
-        say(f"Note: model.dropout {cfg.model.dropout} is dropped (inference only; Llama has no dropout here).")
+        say(f"Note: model.dropout {cfg.model.dropout} is dropped (inference only; the exported model has none).")
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / "model.safetensors"
     save_file(tensors, str(weights), metadata={"format": "pt"})
@@ -169,7 +202,7 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, tokenizer_path
     written = write_tokenizer(tokenizer, cfg, out_dir)
     n = sum(t.size for t in tensors.values())
     say(f"Exported {opened.path} (step {opened.step}, {n / 1e6:.2f}M parameters, float32) to {out_dir} as "
-        f"LlamaForCausalLM: config.json, model.safetensors, {', '.join(written)}.")
+        f"{hf_architecture(cfg.model)[0]}: config.json, model.safetensors, {', '.join(written)}.")
     return out_dir
 
 

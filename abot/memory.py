@@ -17,7 +17,11 @@ Activation phase (forward + backward of one micro-batch), per-token sizes with T
     saved per block = 8 BLD                     block input x, its RMSNorm output, q*scale and k after RoPE,
                                                 v, the merged attention output, the mid-block residual and its
                                                 RMSNorm output (each needed by a matmul's or a norm's
-                                                backward)
+                                                backward). Of these, q and the attention output are
+                                                T*H*hd*c and k, v T*Hkv*hd*c (head width hd, Hkv kv heads:
+                                                grouped-query k, v are never repeated), so 4 BLD +
+                                                2 T(H + Hkv)hd c in general, 8 BLD for d_model = H*hd, Hkv = H
+                    + T(H + Hkv)hd c            qk_norm: q and k before their norms
                     + 4 BLF                     SwiGLU with its hand-written gradient (abot/ops/elementwise.py):
                                                 gate, up and silu(gate)*up, which the backward pass needs,
                                                 and 1 BLF more (measured, CPU)
@@ -118,11 +122,15 @@ def _as_float32(params):
 
 def transformer_param_count(m) -> int:
     """The built-in transformer's parameter count from its config (a formula; tests hold it to count_params)."""
-    from abot.models.transformer import hidden_size
+    from abot.models.transformer import head_dim, hidden_size, kv_heads
 
     d, f = m.d_model, hidden_size(m)
+    q_width, kv_width = m.n_heads * head_dim(m), kv_heads(m) * head_dim(m)
+    attention = 2 * d * q_width + 2 * d * kv_width  # wq, wo; wk, wv
+    attention += (q_width + 2 * kv_width if m.qkv_bias else 0) + (d if m.attn_out_bias else 0)
+    attention += 2 * head_dim(m) if m.qk_norm else 0
     mlp = (3 if m.ffn_activation == "silu" else 2) * d * f
-    block = 4 * d * d + mlp + 2 * d
+    block = attention + mlp + 2 * d
     head = 0 if m.tie_embeddings else d * m.vocab_size
     return m.vocab_size * d + m.n_layers * block + d + head
 
@@ -168,7 +176,7 @@ def on_gpu() -> bool:
 
 def estimate_memory(cfg: Config, shapes: Shapes | None = None) -> MemoryEstimate:
     """Peak bytes of one compiled train step for `cfg` (formula in the module docstring)."""
-    from abot.models.transformer import hidden_size
+    from abot.models.transformer import head_dim, hidden_size, kv_heads
     from abot.step import DTYPES
 
     shapes = shapes or model_shapes(cfg)
@@ -178,13 +186,16 @@ def estimate_memory(cfg: Config, shapes: Shapes | None = None) -> MemoryEstimate
         m.vocab_size, m.n_layers
     tokens = b * seq
     bld, blf, blv = tokens * d * c, tokens * f * c, tokens * v * 4
+    # q and the attention output, then k and v (kv heads), then q and k again before their norms.
+    per_head = tokens * head_dim(m) * c
+    attn_saved = 2 * per_head * (h + kv_heads(m)) + (per_head * (h + kv_heads(m)) if m.qk_norm else 0)
     attention = 4 * b * h * seq * seq * c + seq * seq * c  # the active block's rebuilt probabilities
     mlp = 4 * blf
     drop = 2 * tokens * d if m.dropout > 0 else 0
     # Attention keeps no seq x seq matrix between forward and backward (fused on GPUs, FlashAttention-style
     # backward on the CPU): the block whose backward is running rebuilds its own, on top of its saved set
     # again as cotangents.
-    block = 8 * bld + mlp + drop
+    block = 4 * bld + attn_saved + mlp + drop
     active = block + attention
     top = 3 * bld + (tokens * d if m.dropout > 0 else 0)
     loss = 5 * blv // 2 + (tokens * v * c if c < 4 else 0)

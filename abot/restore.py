@@ -7,6 +7,7 @@ checkpoint. Each problem has one message, whichever command found it; only the f
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -15,7 +16,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map
 
 from abot.checkpoint import Checkpoint, latest_checkpoint, list_checkpoints, load_checkpoint, verify_checkpoint
-from abot.config import Config, config_from_dict
+from abot.config import Config, ModelConfig, config_from_dict
 from abot.errors import AbotError
 from abot.tokenizer import Tokenizer, load_tokenizer, vocab_fits, vocab_rule
 
@@ -80,7 +81,13 @@ def open_checkpoint(path: str | Path, key: str = "checkpoint") -> Opened:
 # ---------------------------------------------------------------------------------------------- the checks
 
 def check_model_fits(stored: dict, model: dict, where: Any, fix: str) -> None:
-    """The config's model section against the one a checkpoint was trained with (dropout may change)."""
+    """The config's model section against the one a checkpoint was trained with (dropout may change).
+
+    A key the stored section lacks (written before the key existed) held its default then: checkpoints of
+    abot's own model predate n_kv_heads, rope_scaling, ...; a section with no keys at all is not compared.
+    """
+    if stored:
+        stored = {**dataclasses.asdict(ModelConfig()), **stored}
     bad = [k for k, v in model.items() if k not in SAFE_MODEL_CHANGES and k in stored and stored[k] != v]
     if bad:
         diffs = ", ".join(f"model.{k}: checkpoint {stored[k]!r}, config {model[k]!r}" for k in bad)

@@ -327,7 +327,10 @@ print(json.dumps({"estimate": estimate_memory(cfg).peak, "peak": peak}))
     dict(n_layers=3, d_model=256, n_heads=8, vocab_size=32000, seq=256, batch=2),
     dict(n_layers=2, d_model=128, n_heads=4, vocab_size=8192, seq=128, batch=4),
     dict(n_layers=3, d_model=256, n_heads=8, vocab_size=32000, seq=256, batch=2, accum=4),
-], ids=["3x256-v32k", "2x128-v8k", "3x256-v32k-accum4"])
+    dict(n_layers=3, d_model=256, n_heads=8, n_kv_heads=2, vocab_size=32000, seq=512, batch=2),
+    dict(n_layers=3, d_model=256, n_heads=8, n_kv_heads=1, head_dim=64, qk_norm=True, qkv_bias=True,
+         vocab_size=32000, seq=512, batch=2),
+], ids=["3x256-v32k", "2x128-v8k", "3x256-v32k-accum4", "3x256-gqa", "3x256-mqa-qwen3"])
 def test_estimate_close_to_measured_peak(shape, ckpt):
     shape = dict(shape)
     seq, batch, accum = shape.pop("seq"), shape.pop("batch"), shape.pop("accum", 1)

@@ -2,7 +2,10 @@
 
 Parameters are a plain tree (dicts and a list of blocks) of mx.array; weights are stored
 (in_features, out_features) so a layer is `x @ w`. With tied embeddings the output head *is*
-`params["embed"]` (one leaf), used transposed.
+`params["embed"]` (one leaf), used transposed. The options that Llama, Mistral, Qwen2 and Qwen3 need
+(grouped-query attention, a free head_dim, attention biases, q/k norms, Llama 3 rope scaling) add or
+reshape leaves only when set: with their defaults the tree, the initialisation and the logits are abot's
+original model's.
 """
 
 from __future__ import annotations
@@ -13,15 +16,15 @@ from typing import Any, Callable, NamedTuple
 import mlx.core as mx
 
 from abot.config import ModelConfig
-from abot.models.roles import EMBEDDING, HEAD, HIDDEN, NORM, ParamRole, conventional_role
+from abot.models.roles import BIAS, EMBEDDING, HEAD, HIDDEN, NORM, ParamRole, conventional_role
 from abot.ops.attention import causal_attention
 from abot.ops.dropout import dropout
 from abot.ops.mlp import gelu_mlp, swiglu
 from abot.ops.norm import rms_norm
-from abot.ops.rope import apply_rope
+from abot.ops.rope import apply_rope, rope_periods
 
 Params = dict[str, Any]
-KVCache = list  # per layer: None (empty) or (keys, values), each (batch, heads, seq, head_dim)
+KVCache = list  # per layer: None (empty) or (keys, values), each (batch, kv_heads, seq, head_dim)
 
 
 class Model(NamedTuple):
@@ -44,7 +47,18 @@ class Model(NamedTuple):
 
 
 def hidden_size(cfg: ModelConfig) -> int:
-    return int(cfg.mlp_multiple * cfg.d_model)
+    """The MLP's hidden width: model.mlp_hidden, or mlp_multiple * d_model."""
+    return cfg.mlp_hidden if cfg.mlp_hidden is not None else int(cfg.mlp_multiple * cfg.d_model)
+
+
+def head_dim(cfg: ModelConfig) -> int:
+    """The width of one attention head: model.head_dim, or d_model / n_heads."""
+    return cfg.head_dim if cfg.head_dim is not None else cfg.d_model // cfg.n_heads
+
+
+def kv_heads(cfg: ModelConfig) -> int:
+    """Key/value heads: model.n_kv_heads, or n_heads (multi-head attention)."""
+    return cfg.n_kv_heads if cfg.n_kv_heads is not None else cfg.n_heads
 
 
 def init_params(cfg: ModelConfig, key: mx.array) -> Params:
@@ -60,10 +74,12 @@ def init_params(cfg: ModelConfig, key: mx.array) -> Params:
     def normal(shape, s=std):
         return mx.random.normal(shape, key=next(keys)) * s
 
+    q_width, kv_width = cfg.n_heads * head_dim(cfg), kv_heads(cfg) * head_dim(cfg)
     blocks = []
     for _ in range(cfg.n_layers):
-        block = {"attn_norm": mx.ones((d,)), "wq": normal((d, d)), "wk": normal((d, d)), "wv": normal((d, d)),
-                 "wo": normal((d, d), out_std), "mlp_norm": mx.ones((d,))}
+        block = {"attn_norm": mx.ones((d,)), "wq": normal((d, q_width)), "wk": normal((d, kv_width)),
+                 "wv": normal((d, kv_width)), "wo": normal((q_width, d), out_std), "mlp_norm": mx.ones((d,)),
+                 **attention_extras(cfg)}
         if cfg.ffn_activation == "silu":
             block["w_gate"] = normal((d, h))
         block["w_up"] = normal((d, h))
@@ -75,8 +91,24 @@ def init_params(cfg: ModelConfig, key: mx.array) -> Params:
     return params
 
 
+def attention_extras(cfg: ModelConfig) -> Params:
+    """The optional attention leaves of one block: zero biases, unit q/k norm gains (none by default).
+
+    They draw no random keys, so the other leaves' initialisation is the same with or without them.
+    """
+    q_width, kv_width, extras = cfg.n_heads * head_dim(cfg), kv_heads(cfg) * head_dim(cfg), {}
+    if cfg.qkv_bias:
+        extras.update(bq=mx.zeros((q_width,)), bk=mx.zeros((kv_width,)), bv=mx.zeros((kv_width,)))
+    if cfg.attn_out_bias:
+        extras["bo"] = mx.zeros((cfg.d_model,))
+    if cfg.qk_norm:
+        extras.update(q_norm=mx.ones((head_dim(cfg),)), k_norm=mx.ones((head_dim(cfg),)))
+    return extras
+
+
 # init_params' leaves by name (the last component of their path).
 PARAM_ROLES = {"embed": EMBEDDING, "head": HEAD, "final_norm": NORM, "attn_norm": NORM, "mlp_norm": NORM,
+               "q_norm": NORM, "k_norm": NORM, **{b: BIAS for b in ("bq", "bk", "bv", "bo")},
                **{w: HIDDEN for w in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")}}
 
 
@@ -92,20 +124,36 @@ def count_params(params: Params) -> int:
 
 
 def _split_heads(x: mx.array, n_heads: int) -> mx.array:
-    b, t, d = x.shape
-    return x.reshape(b, t, n_heads, d // n_heads).transpose(0, 2, 1, 3)
+    b, t, _ = x.shape
+    return x.reshape(b, t, n_heads, -1).transpose(0, 2, 1, 3)
 
 
-def _block(cfg: ModelConfig, p: Params, x: mx.array, keys, kv=None):
+def _linear(x: mx.array, p: Params, weight: str, bias: str) -> mx.array:
+    return x @ p[weight] + p[bias] if bias in p else x @ p[weight]
+
+
+def _attention_inputs(cfg: ModelConfig, p: Params, h: mx.array, offset: int, periods):
+    """q (batch, n_heads, seq, head_dim) and k, v (batch, kv_heads, seq, head_dim), q/k normed and rotated.
+
+    Qwen3 normalises each head of q and k before RoPE (Hugging Face's Qwen3Attention).
+    """
+    q = _split_heads(_linear(h, p, "wq", "bq"), cfg.n_heads)
+    k, v = (_split_heads(_linear(h, p, w, b), kv_heads(cfg)) for w, b in (("wk", "bk"), ("wv", "bv")))
+    if cfg.qk_norm:
+        q, k = rms_norm(q, p["q_norm"], cfg.norm_eps), rms_norm(k, p["k_norm"], cfg.norm_eps)
+    return apply_rope(q, cfg.rope_theta, offset, periods), apply_rope(k, cfg.rope_theta, offset, periods), v
+
+
+def _block(cfg: ModelConfig, p: Params, x: mx.array, keys, kv=None, periods=None):
     """One pre-norm residual block; returns (x, (k, v)) with k, v including any cached positions."""
     offset = 0 if kv is None else kv[0].shape[2]  # kv is None: no cache, or an empty one
     h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
-    q, k, v = (_split_heads(h @ p[w], cfg.n_heads) for w in ("wq", "wk", "wv"))
-    q, k = apply_rope(q, cfg.rope_theta, offset), apply_rope(k, cfg.rope_theta, offset)
+    q, k, v = _attention_inputs(cfg, p, h, offset, periods)
     if kv is not None:
         k, v = mx.concatenate([kv[0], k], axis=2), mx.concatenate([kv[1], v], axis=2)
-    a = causal_attention(q, k, v).transpose(0, 2, 1, 3).reshape(x.shape)
-    x = x + dropout(a @ p["wo"], cfg.dropout, keys[0])
+    b, t, _ = x.shape
+    a = causal_attention(q, k, v).transpose(0, 2, 1, 3).reshape(b, t, -1)
+    x = x + dropout(_linear(a, p, "wo", "bo"), cfg.dropout, keys[0])
     h = rms_norm(x, p["mlp_norm"], cfg.norm_eps)
     if cfg.ffn_activation == "silu":
         m = swiglu(h, p["w_gate"], p["w_up"], p["w_down"])
@@ -121,9 +169,10 @@ def apply(cfg: ModelConfig, params: Params, tokens: mx.array, key: mx.array | No
     use_dropout = key is not None and cfg.dropout > 0
     keys = list(mx.random.split(key, 2 * n + 1)) if use_dropout else [None] * (2 * n + 1)
     x = dropout(params["embed"][tokens], cfg.dropout, keys[-1])
+    periods = rope_periods(head_dim(cfg), cfg.rope_theta, cfg.rope_scaling)
 
     def block(p, x, *block_keys):
-        return _block(cfg, p, x, block_keys or (None, None))[0]
+        return _block(cfg, p, x, block_keys or (None, None), periods=periods)[0]
 
     # Gradient checkpointing: keep only each block's input, recompute its inside during backward.
     run_block = mx.checkpoint(block) if checkpoint_blocks else block
@@ -132,7 +181,7 @@ def apply(cfg: ModelConfig, params: Params, tokens: mx.array, key: mx.array | No
         if cache is None:
             x = run_block(p, x, *(keys[2 * i:2 * i + 2] if use_dropout else ()))
         else:
-            x, kv = _block(cfg, p, x, (None, None), cache[i])
+            x, kv = _block(cfg, p, x, (None, None), cache[i], periods)
             new_cache.append(kv)
     x = rms_norm(x, params["final_norm"], cfg.norm_eps)
     logits = x @ (params["embed"].T if cfg.tie_embeddings else params["head"])
@@ -140,7 +189,7 @@ def apply(cfg: ModelConfig, params: Params, tokens: mx.array, key: mx.array | No
 
 
 def transformer(cfg: ModelConfig, gradient_checkpointing: bool = False) -> Model:
-    """Decoder-only transformer: pre-RMSNorm, RoPE, causal attention, SwiGLU/GELU MLP, tied embeddings."""
+    """Decoder-only transformer: pre-RMSNorm, RoPE, causal (grouped-query) attention, SwiGLU/GELU MLP."""
     def new_cache() -> KVCache:
         return [None] * cfg.n_layers
 
