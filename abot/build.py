@@ -54,20 +54,25 @@ def build_documents(cfg: Config, split: str):
 
 
 def ensure_tokenizer(cfg: Config, say: Callable[[str], None] = print):
-    """Load `train.tokenizer_path`, training it first on the configured data if it does not exist."""
-    from abot.tokenizer import load_tokenizer, train_tokenizer
+    """Load `train.tokenizer_path`, training it first on the configured data if it does not exist.
+
+    A Hugging Face folder or tokenizer.json is loaded, never trained; its vocabulary may be smaller than
+    model.vocab_size (padded embeddings), abot's SentencePiece model must match it exactly (`vocab_rule`).
+    """
+    from abot.tokenizer import is_hf_path, load_tokenizer, train_tokenizer, vocab_fits, vocab_rule
 
     path = Path(cfg.train.tokenizer_path)
-    if not path.exists():
+    if not path.exists() and not is_hf_path(path):
         say(f"Tokenizer {path} not found: training a {cfg.model.vocab_size}-token BPE tokenizer on "
             f"{cfg.data.source} data (first {TOKENIZER_TRAINING_CHARS // 1_000_000} MB at most)...")
         train_tokenizer(_take_chars(build_documents(cfg, "train")(0), TOKENIZER_TRAINING_CHARS),
                         cfg.model.vocab_size, path)
     tokenizer = load_tokenizer(path)
-    if tokenizer.vocab_size != cfg.model.vocab_size:
+    if not vocab_fits(tokenizer, cfg.model.vocab_size):
+        fix = ("or point train.tokenizer_path at a new path to train a matching tokenizer" if tokenizer.exact_vocab
+               else f"({vocab_rule(tokenizer)})")
         raise AbotError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
-                        f"{cfg.model.vocab_size}; set model.vocab_size: {tokenizer.vocab_size}, or point "
-                        "train.tokenizer_path at a new path to train a matching tokenizer")
+                        f"{cfg.model.vocab_size}; set model.vocab_size: {tokenizer.vocab_size}, {fix}")
     return tokenizer
 
 

@@ -9,9 +9,10 @@ There is no BOS: abot never trains with one. The markers and "\\n" are placed by
 (abot.tokenizer: <|system|> 4, <|user|> 5, <|assistant|> 6, <|end|> 7, "\\n" 8), never by matching strings;
 only the messages' text goes through `tokenizer.encode`.
 
-API (all of it):
+API:
 
     render(messages, add_generation_prompt=False, *, tokenizer) -> Rendered(ids, mask)
+    template_of(tokenizer) -> ChatTemplate   (the tokenizer's own template, or this one)
 
 `messages`: [{"role": "system" | "user" | "assistant", "content": str}, ...]. `mask[i]` is 1 where ids[i] is
 a token the model should learn to produce (an assistant message's text and its closing <|end|>), 0 elsewhere
@@ -19,17 +20,19 @@ a token the model should learn to produce (an assistant message's text and its c
 
 A marker written inside a message's text (say a user types "<|end|>") stays text: it is encoded in two
 halves so it never becomes the marker's id, and decodes back to the same characters.
+
+`render` renders with the tokenizer's own template (`tokenizer.chat_template`): this one for abot's
+tokenizer (and for any object with only `encode`), a model's Jinja template for a Hugging Face tokenizer
+(abot.jinja_template), whose mask follows the same rule: assistant content and its end-of-turn marker.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping, NamedTuple, Protocol
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Protocol, Sequence
 
-from abot.tokenizer import CHAT_MARKERS, FIRST_USER_ID
+from abot.token_layout import ASSISTANT_ID, CHAT_MARKERS, END_ID, NEWLINE_ID, SYSTEM_ID, USER_ID
 
 ROLES = ("system", "user", "assistant")
-SYSTEM_ID, USER_ID, ASSISTANT_ID, END_ID = (FIRST_USER_ID + i for i in range(len(CHAT_MARKERS)))
-NEWLINE_ID = FIRST_USER_ID + len(CHAT_MARKERS)
 ROLE_IDS = {"system": SYSTEM_ID, "user": USER_ID, "assistant": ASSISTANT_ID}
 
 
@@ -61,9 +64,45 @@ def encode_text(tokenizer: Encoder, text: str) -> list[int]:
     return ids
 
 
+class ChatTemplate(NamedTuple):
+    """A chat template as a plain value: what renders conversations, and which ids end a reply in a chat."""
+
+    name: str  # "abot", or the file a Jinja template was read from (named in errors)
+    render: Callable[[Sequence[Mapping[str, Any]], bool, Any], Rendered]  # (messages, add_generation_prompt, tokenizer)
+    stop_ids: tuple[int, ...]  # ids that end an assistant reply in `abot chat`, besides the tokenizer's EOS ids
+    end_of_turn_ids: tuple[int, ...]  # the ids that close an assistant turn: stop raw generation too
+
+
+def template_of(tokenizer: Any) -> ChatTemplate:
+    """The tokenizer's chat template; abot's own for a tokenizer that has none (an encode-only fake)."""
+    return getattr(tokenizer, "chat_template", None) or ABOT_TEMPLATE
+
+
 def render(messages: Iterable[Mapping[str, str]], add_generation_prompt: bool = False, *,
            tokenizer: Encoder) -> Rendered:
-    """Token ids of `messages` in the chat template, and the assistant mask (see the module docstring)."""
+    """Token ids of `messages` in the tokenizer's chat template, and the assistant mask (module docstring)."""
+    return template_of(tokenizer).render(list(messages), add_generation_prompt, tokenizer)
+
+
+def final_turn_mask(mask: Sequence[int]) -> list[int]:
+    """`mask` with only its last run of ones kept: the final assistant message, what DPO compares.
+
+    Every template's mask is one contiguous run per assistant message (its content and end marker), so the
+    last run is the final message's whatever the template: the tokens before it are the prompt.
+    """
+    out = [0] * len(mask)
+    end = len(mask)
+    while end > 0 and not mask[end - 1]:
+        end -= 1
+    start = end
+    while start > 0 and mask[start - 1]:
+        start -= 1
+    out[start:end] = [1] * (end - start)
+    return out
+
+
+def render_abot(messages: Sequence[Mapping[str, str]], add_generation_prompt: bool, tokenizer: Encoder) -> Rendered:
+    """abot's own template (the module docstring): markers by their fixed ids, only the text encoded."""
     ids: list[int] = []
     mask: list[int] = []
     for i, message in enumerate(messages):
@@ -80,3 +119,7 @@ def render(messages: Iterable[Mapping[str, str]], add_generation_prompt: bool = 
         ids.append(ASSISTANT_ID)
         mask.append(0)
     return Rendered(ids, mask)
+
+
+ABOT_TEMPLATE = ChatTemplate("abot", render_abot, stop_ids=(SYSTEM_ID, USER_ID, ASSISTANT_ID, END_ID),
+                             end_of_turn_ids=(END_ID,))

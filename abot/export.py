@@ -23,7 +23,8 @@ q, k, v and o all have biases). Tensor names:
 
 Dropout is an inference no-op and is dropped. Refused, because no Hugging Face decoder of these families
 has them: GELU MLPs, a bias on o_proj without q/k/v biases, and q/k norms with biases on q, k, v only.
-The tokenizer is the SentencePiece file itself; abot never adds BOS (nor EOS) when encoding, so the
+A model trained with a Hugging Face tokenizer exports that tokenizer's own files and chat template
+(abot.export_hf_tokenizer). abot's own tokenizer is the SentencePiece file itself; abot never adds BOS (nor EOS) when encoding, so the
 exported tokenizer is configured with add_bos_token/add_eos_token false and no dummy prefix space.
 Checked against transformers 5.24: identical ids for text, code, digits, non-Latin scripts, emoji and chat
 markers. One known difference: a literal U+2581 ("\u2581", SentencePiece's space mark) in the text, which
@@ -41,12 +42,12 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 
-from abot.chat_template import END_ID
 from abot.config import Config
 from abot.errors import AbotError
+from abot.export_hf_tokenizer import special_ids, write_hf_tokenizer
 from abot.models.transformer import head_dim, hidden_size, kv_heads
 from abot.restore import checkpoint_tokenizer, open_checkpoint
-from abot.tokenizer import BOS, BOS_ID, CHAT_MARKERS, EOS, EOS_ID, FIRST_USER_ID, PAD, PAD_ID, UNK, UNK_ID
+from abot.token_layout import BOS, BOS_ID, CHAT_MARKERS, END_ID, EOS, EOS_ID, FIRST_USER_ID, PAD, PAD_ID, UNK, UNK_ID
 
 # The chat template of abot.chat_template, as Jinja for transformers' apply_chat_template.
 CHAT_TEMPLATE_JINJA = (
@@ -198,13 +199,22 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, tokenizer_path
     umask = os.umask(0)
     os.umask(umask)
     weights.chmod(0o666 & ~umask)  # safetensors writes 0600; give it the usual permissions of a new file
-    files = {"config.json": hf_config(cfg), "generation_config.json": generation_config(),
+    written = write_tokenizer(tokenizer, cfg, out_dir)
+    n = sum(t.size for t in tensors.values())
+    say(f"Exported {opened.path} (step {opened.step}, {n / 1e6:.2f}M parameters, float32) to {out_dir} as "
+        f"{hf_architecture(cfg.model)[0]}: config.json, model.safetensors, {', '.join(written)}.")
+    return out_dir
+
+
+def write_tokenizer(tokenizer, cfg: Config, out_dir: Path) -> list[str]:
+    """config.json and the tokenizer's files (abot's SentencePiece, or a Hugging Face tokenizer's); their names."""
+    config = hf_config(cfg)
+    if tokenizer.kind == "huggingface":
+        (out_dir / "config.json").write_text(json.dumps({**config, **special_ids(tokenizer)}, indent=2) + "\n")
+        return write_hf_tokenizer(tokenizer, out_dir, cfg.model.max_seq_len)
+    files = {"config.json": config, "generation_config.json": generation_config(),
              **tokenizer_files(cfg.model.max_seq_len)}
     for name, content in files.items():
         (out_dir / name).write_text(json.dumps(content, indent=2) + "\n")
     shutil.copyfile(tokenizer.path, out_dir / "tokenizer.model")
-    n = sum(t.size for t in tensors.values())
-    say(f"Exported {opened.path} (step {opened.step}, {n / 1e6:.2f}M parameters, float32) to {out_dir} as "
-        f"{files['config.json']['architectures'][0]}: config.json, model.safetensors, tokenizer.model, tokenizer_config.json, "
-        "special_tokens_map.json, generation_config.json.")
-    return out_dir
+    return ["tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"]

@@ -5,12 +5,14 @@ then a categorical draw with an explicit `mx.random` key; temperature 0 is greed
 step i is the i-th split of `mx.random.key(seed)`, so a seed reproduces a sample exactly.
 
 With the KV cache (the default), the prompt is run once and every new token costs one position; without
-it every step re-runs the whole sequence (kept for tests and the benchmark). Generation stops at EOS or
-`<|end|>` (neither is yielded), after `max_new_tokens`, or when the sequence reaches `model.max_seq_len`.
+it every step re-runs the whole sequence (kept for tests and the benchmark). Generation stops at any of the
+tokenizer's EOS ids or its template's end-of-turn id (abot's: EOS or `<|end|>`; none is yielded), after
+`max_new_tokens`, or when the sequence reaches `model.max_seq_len`.
 
-Raw prompts (`abot generate`) are preceded by EOS: pre-training separates documents with EOS, so that is
-what the start of a document looks like to the model (and an empty prompt works). Chat prompts are exactly
-`abot.chat_template.render(...)`, as in fine-tuning.
+Raw prompts (`abot generate`) start as a pre-training document does: with BOS where the tokenizer prepends
+one, else with EOS (abot's tokenizer: pre-training separates documents with EOS, so that is what the start
+of a document looks like to the model; an empty prompt works too). Chat prompts are exactly
+`abot.chat_template.render(..., add_generation_prompt=True)` with the tokenizer's template, as in fine-tuning.
 """
 
 from __future__ import annotations
@@ -26,15 +28,24 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import mlx.core as mx
 
 from abot.build import build_model
-from abot.chat_template import ASSISTANT_ID, END_ID, SYSTEM_ID, USER_ID, render
+from abot.chat_template import render, template_of
 from abot.config import Config, config_from_dict
 from abot.errors import AbotError
 from abot.restore import checkpoint_tokenizer, open_checkpoint
-from abot.tokenizer import EOS_ID, Tokenizer
+from abot.token_layout import ASSISTANT_ID, END_ID, EOS_ID, SYSTEM_ID, USER_ID
+from abot.tokenizer import Tokenizer, document_start
 
+# abot's own tokenizer's stops (what `stops_of` gives for it): EOS and the end of a turn...
 STOP_IDS = (EOS_ID, END_ID)
-# In a chat any marker ends the reply: a model that starts the next turn itself has finished this one.
+# ...and in a chat any marker ends the reply: a model that starts the next turn itself has finished this one.
 CHAT_STOP_IDS = (EOS_ID, SYSTEM_ID, USER_ID, ASSISTANT_ID, END_ID)
+
+
+def stops_of(tokenizer: Tokenizer, chat: bool = False) -> tuple[int, ...]:
+    """Ids that end generation: the tokenizer's EOS ids and its template's end of turn (in a chat: its stops)."""
+    template = template_of(tokenizer)
+    extra = template.stop_ids if chat else template.end_of_turn_ids
+    return tuple(dict.fromkeys([*tokenizer.eos_ids, *extra]))
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -231,13 +242,14 @@ def stream_text(tokenizer, token_ids: Iterable[int]) -> Iterator[str]:
 
 
 def prompt_ids(tokenizer, text: str) -> list[int]:
-    """A raw (non-chat) prompt: EOS, the start-of-document context of pre-training, then the text."""
-    return [EOS_ID] + tokenizer.encode(text)
+    """A raw (non-chat) prompt: the start-of-document context of pre-training (BOS, or else EOS), then the text."""
+    return (document_start(tokenizer) or [tokenizer.eos_id]) + tokenizer.encode(text)
 
 
 def generate(loaded: Loaded, prompt: str, **options) -> Iterator[str]:
-    """Text pieces continuing a raw `prompt`; options as in `generate_tokens`."""
+    """Text pieces continuing a raw `prompt`; options as in `generate_tokens` (stops: the tokenizer's)."""
     ids = prompt_ids(loaded.tokenizer, prompt)
+    options.setdefault("stop_ids", stops_of(loaded.tokenizer))
     yield from stream_text(loaded.tokenizer, generate_tokens(loaded.model, loaded.params, ids, **options))
 
 
@@ -261,7 +273,7 @@ def chat_loop(loaded: Loaded, *, system: str | None = None, read: Callable[[str]
               write: Callable[..., None] = print, max_new_tokens: int = 256, seed: int = 0, **sampling) -> int:
     """Read user lines, stream replies, keep the history; Ctrl-D or Ctrl-C at the prompt ends it (returns 0).
 
-    A reply ends at EOS or any chat marker. Ctrl-C during a reply stops that reply and returns to the prompt. `/reset` clears the history, `/quit`
+    A reply ends at an EOS id or the template's stops (abot's: any chat marker). Ctrl-C during a reply stops that reply and returns to the prompt. `/reset` clears the history, `/quit`
     ends. Turn i samples with seed `seed + i`; `sampling`: temperature, top_k, top_p.
     """
     def out(text: str):
@@ -289,7 +301,7 @@ def chat_loop(loaded: Loaded, *, system: str | None = None, read: Callable[[str]
         messages.append({"role": "user", "content": line})
         ids = fit_history(messages, loaded.tokenizer, room)
         tokens = generate_tokens(loaded.model, loaded.params, ids, max_new_tokens=max_new_tokens, seed=seed + turn,
-                                 stop_ids=CHAT_STOP_IDS, **sampling)
+                                 stop_ids=stops_of(loaded.tokenizer, chat=True), **sampling)
         stream = TextStream(loaded.tokenizer)
         try:
             for tid in tokens:
@@ -304,6 +316,7 @@ def chat_loop(loaded: Loaded, *, system: str | None = None, read: Callable[[str]
 def run_generate(loaded: Loaded, prompt: str, write: Callable[..., None] = print, **options) -> dict:
     """Stream the continuation of a raw `prompt` through `write`; returns {"tokens", "seconds", "tokens_per_s"}."""
     ids = prompt_ids(loaded.tokenizer, prompt)
+    options.setdefault("stop_ids", stops_of(loaded.tokenizer))
     count = [0]
 
     def counted(tokens):

@@ -21,7 +21,7 @@ from abot.checkpoint import Checkpoint, latest_checkpoint, list_checkpoints, loa
 from abot.config import Config, DataConfig, ModelConfig, config_from_dict, validation_problems
 from abot.errors import AbotError, ConfigError
 from abot.models import hf
-from abot.tokenizer import Tokenizer, load_tokenizer
+from abot.tokenizer import Tokenizer, load_tokenizer, vocab_fits, vocab_rule
 
 # Model keys that may differ between a checkpoint and the config that continues from it: every other key
 # changes the parameters' shapes or what they compute.
@@ -236,7 +236,8 @@ def checkpoint_tokenizer(cfg: Config, opened: Opened, tokenizer_path: str | Path
                         "pass --tokenizer PATH to the tokenizer the model was trained with")
     tokenizer = load_tokenizer(path)
     check_tokenizer_fits(opened.meta, tokenizer, opened.path, "pass --tokenizer PATH to the original")
-    if tokenizer.vocab_size != cfg.model.vocab_size:
+    if not vocab_fits(tokenizer, cfg.model.vocab_size):
+        rule = "" if tokenizer.exact_vocab else f" ({vocab_rule(tokenizer)})"
         raise AbotError(f"{path}: {tokenizer.vocab_size} tokens, but the model of {opened.path} has "
-                        f"{cfg.model.vocab_size}; pass --tokenizer PATH to the tokenizer it was trained with")
+                        f"{cfg.model.vocab_size}{rule}; pass --tokenizer PATH to the tokenizer it was trained with")
     return tokenizer

@@ -1,6 +1,12 @@
-"""SentencePiece BPE tokenizer: training from a text stream, loading, exact encode/decode round trips.
+"""Tokenizers: the contract every kind implements, abot's own SentencePiece BPE, and `load_tokenizer`.
 
-The model is trained so that decode(encode(s)) == s for any text: no normalisation, spaces and newlines
+`Tokenizer` (below) is what the rest of abot asks a tokenizer: ids, its BOS/EOS rules, pad id, chat template.
+Two kinds implement it: abot's SentencePiece model (`SentencePieceTokenizer`, this module: training from a
+text stream, exact round trips) and a Hugging Face model's `tokenizer.json` (`abot.hf_tokenizer`).
+`load_tokenizer(path)` picks by the path: a folder or a `.json` file is Hugging Face's, anything else
+abot's SentencePiece file.
+
+The SentencePiece model is trained so that decode(encode(s)) == s for any text: no normalisation, spaces and newlines
 kept as they are, and bytes as the fallback for characters outside the vocabulary. The id layout is fixed
 (below), so the chat template and checkpoints can rely on it; `Tokenizer.sha256` ties checkpoints and token
 shards to the exact model file they were made with.
@@ -14,20 +20,58 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Protocol, Sequence
 
 import sentencepiece as spm
 
+from abot.chat_template import ABOT_TEMPLATE, ChatTemplate
 from abot.errors import AbotError
+from abot.token_layout import (  # noqa: F401  (re-exported: abot's own layout, imported from here)
+    BOS, BOS_ID, CHAT_MARKERS, EOS, EOS_ID, FIRST_USER_ID, NEWLINE, PAD, PAD_ID, UNK, UNK_ID, USER_DEFINED_SYMBOLS)
 
-PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
-PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
-# Chat markers (reserved for the chat template) and "\n", in this order right after the ids above. As
-# user-defined symbols each always encodes to exactly one id, wherever it appears in the text.
-CHAT_MARKERS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
-NEWLINE = "\n"
-USER_DEFINED_SYMBOLS = (*CHAT_MARKERS, NEWLINE)
-FIRST_USER_ID = EOS_ID + 1
+
+class Tokenizer(Protocol):
+    """The tokenizer contract: plain values and three functions, the same for abot's and Hugging Face's.
+
+    `encode` gives the text's own ids and never adds BOS or EOS: callers add them by the rules below.
+    """
+
+    kind: str  # "sentencepiece" (abot's) or "huggingface"
+    path: Path  # the file that defines the ids: the .model file, or the Hugging Face tokenizer.json
+    sha256: str  # of that file's bytes (ties checkpoints and shards to the ids, not to chat or config files)
+    vocab_size: int  # ids run 0..vocab_size - 1
+    exact_vocab: bool  # model.vocab_size must equal vocab_size (True) or be at least it (False: padded tables)
+    bos_id: int | None  # None: the tokenizer has no BOS
+    add_bos: bool  # whether a document (and a raw prompt) starts with bos_id
+    eos_id: int  # the tokenizer's EOS: ends each pre-training document (the document separator)
+    eos_ids: tuple[int, ...]  # every id that ends generation (eos_id first); generation_config may list several
+    pad_id: int  # fills batches after the end (never trained on)
+    chat_template: ChatTemplate  # renders conversations to ids and the assistant mask (abot.chat_template)
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def encode_batch(self, texts: Sequence[str], num_threads: int = 1) -> list[list[int]]: ...
+
+    def decode(self, ids: Iterable[int]) -> str: ...
+
+
+def document_start(tokenizer) -> list[int]:
+    """The ids before a document's text: [BOS] where the tokenizer prepends one, else none (abot's own)."""
+    return [tokenizer.bos_id] if getattr(tokenizer, "add_bos", False) else []  # fakes have only eos_id
+
+
+def vocab_fits(tokenizer: Tokenizer, vocab_size: int) -> bool:
+    """Whether a model of `vocab_size` embeddings can use this tokenizer (`Tokenizer.exact_vocab`)."""
+    return tokenizer.vocab_size == vocab_size if tokenizer.exact_vocab else tokenizer.vocab_size <= vocab_size
+
+
+def vocab_rule(tokenizer: Tokenizer) -> str:
+    """The vocabulary rule in words, for messages."""
+    if tokenizer.exact_vocab:
+        return f"model.vocab_size must equal the tokenizer's {tokenizer.vocab_size}"
+    return (f"model.vocab_size must be at least the tokenizer's {tokenizer.vocab_size} (larger is fine: Hugging Face "
+            "models often pad their embedding table)")
+
 # SentencePiece writes spaces as U+2581 internally, so a literal U+2581 in the text would decode as a space.
 # We encode that character as its UTF-8 byte pieces instead, which decode back to it exactly.
 META_SPACE = "\u2581"
@@ -155,17 +199,22 @@ def _prepend(first: str, rest: Iterator[str]) -> Iterator[str]:
 
 
 @dataclass(frozen=True)
-class Tokenizer:
-    """A loaded SentencePiece model with abot's id layout. Immutable; build it with `load_tokenizer`."""
+class SentencePieceTokenizer:
+    """A loaded SentencePiece model with abot's id layout (a `Tokenizer`). Immutable; see `load_tokenizer`."""
 
     path: Path
     sha256: str  # of the model file's bytes
     processor: spm.SentencePieceProcessor = field(repr=False, compare=False)
 
+    kind = "sentencepiece"
+    exact_vocab = True  # trained to exactly model.vocab_size pieces
     pad_id = PAD_ID
     unk_id = UNK_ID
     bos_id = BOS_ID
+    add_bos = False  # abot trains and generates without BOS: EOS separates documents
     eos_id = EOS_ID
+    eos_ids = (EOS_ID,)
+    chat_template = ABOT_TEMPLATE
 
     @property
     def vocab_size(self) -> int:
@@ -204,13 +253,25 @@ class Tokenizer:
         return self.processor.decode(ids)
 
 
+def is_hf_path(path: str | Path) -> bool:
+    """A Hugging Face tokenizer's path: a model folder, or a `tokenizer.json`-like file."""
+    path = Path(path)
+    return path.is_dir() or path.suffix == ".json"
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
+    """A Hugging Face folder or tokenizer.json (`abot.hf_tokenizer`), else abot's SentencePiece model file."""
+    if is_hf_path(path):
+        from abot.hf_tokenizer import load_hf_tokenizer
+
+        return load_hf_tokenizer(path)
+    return load_sentencepiece(path)
+
+
+def load_sentencepiece(path: str | Path) -> SentencePieceTokenizer:
     """Load a tokenizer trained by `train_tokenizer`; AbotError naming the path and the fix if it is unusable."""
     path = Path(path)
     fix = f"run `abot tokenizer train CONFIG`, or delete {path} so that `abot train` trains a new one"
-    if path.is_dir():
-        raise AbotError(f"tokenizer {path}: is a folder, not a SentencePiece model file; "
-                        "point train.tokenizer_path at a .model file")
     if not path.exists():
         raise AbotError(f"tokenizer {path}: not found; run `abot tokenizer train CONFIG` to train it "
                         "(or `abot train`, which trains it first)")
@@ -229,4 +290,4 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     if wrong:
         raise AbotError(f"tokenizer {path}: a SentencePiece model, but not with abot's special tokens "
                         f"(expected {', '.join(wrong)}); {fix}")
-    return Tokenizer(path=path, sha256=hashlib.sha256(data).hexdigest(), processor=processor)
+    return SentencePieceTokenizer(path=path, sha256=hashlib.sha256(data).hexdigest(), processor=processor)

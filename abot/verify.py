@@ -96,11 +96,11 @@ def check_unread(cfg: Config) -> list[Check]:
 # --------------------------------------------------------------------------------------------- tokenizer
 
 def check_tokenizer(cfg: Config) -> Check:
-    """The tokenizer at train.tokenizer_path exists and its vocabulary equals model.vocab_size."""
-    from abot.tokenizer import load_tokenizer
+    """The tokenizer at train.tokenizer_path exists and fits model.vocab_size (abot.tokenizer.vocab_rule)."""
+    from abot.tokenizer import is_hf_path, load_tokenizer, vocab_fits, vocab_rule
 
     name, path, vocab = "tokenizer", Path(cfg.train.tokenizer_path), cfg.model.vocab_size
-    if not path.exists():
+    if not path.exists() and not is_hf_path(path):
         return Check(name, WARN, f"{path} not found: abot train will train one ({vocab} tokens) on the "
                                  "configured data before it starts",
                      "nothing, or train it now: abot tokenizer train CONFIG")
@@ -109,11 +109,13 @@ def check_tokenizer(cfg: Config) -> Check:
     except AbotError as err:
         return Check(name, FAIL, str(err), f"delete {path} so abot train trains a new one, or point "
                                            "train.tokenizer_path at a good tokenizer")
-    if tok.vocab_size != vocab:
+    if not vocab_fits(tok, vocab):
         return Check(name, FAIL, f"{path} has {tok.vocab_size} tokens but model.vocab_size is {vocab}",
                      f"set model.vocab_size: {tok.vocab_size}, or point train.tokenizer_path at a new path "
-                     f"so abot train trains a {vocab}-token tokenizer")
-    return Check(name, PASS, f"{path}: {tok.vocab_size} tokens = model.vocab_size")
+                     f"so abot train trains a {vocab}-token tokenizer" if tok.exact_vocab else
+                     f"set model.vocab_size: {tok.vocab_size} or more ({vocab_rule(tok)})")
+    relation = "=" if tok.vocab_size == vocab else "<="
+    return Check(name, PASS, f"{path}: {tok.vocab_size} tokens {relation} model.vocab_size")
 
 
 # ---------------------------------------------------------------------------------------------- dataset

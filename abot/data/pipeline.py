@@ -1,7 +1,7 @@
 """Documents -> fixed-shape token batches: deterministic, resumable, tokenized ahead of the training step.
 
-Per epoch: documents (from a source, see abot.data.sources) are tokenized in chunks, each followed by EOS,
-concatenated, and cut into windows of seq_len + 1 tokens (inputs are window[:-1], targets window[1:];
+Per epoch: documents (from a source, see abot.data.sources) are tokenized in chunks, each followed by EOS
+(and preceded by BOS where the tokenizer prepends one, `Tokenizer.add_bos`), concatenated, and cut into windows of seq_len + 1 tokens (inputs are window[:-1], targets window[1:];
 consecutive windows share no token, and the tail shorter than a window is dropped at the end of the epoch).
 Windows pass through a streaming shuffle buffer seeded by (seed, epoch) and are stacked into int32 arrays
 of shape (grad_accum, micro_batch, seq_len + 1); windows left over at the end of an epoch that cannot fill a
@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 import numpy as np
 
 from abot.errors import AbotError
+from abot.tokenizer import document_start
 
 Documents = Callable[[int], Iterable[str]]
 DOCS_PER_CHUNK = 64  # documents per encode_batch call: large enough for threads, small enough to keep latency low
@@ -33,7 +34,7 @@ PREFETCH_BATCHES = 4  # bound on batches tokenized ahead (and on the memory they
 class Encoder(Protocol):
     """What the pipeline needs from a tokenizer (abot.tokenizer.Tokenizer, or a fake in tests)."""
 
-    eos_id: int
+    eos_id: int  # the document separator (a real tokenizer also has bos_id and add_bos)
 
     def encode_batch(self, texts: Sequence[str], num_threads: int = 1) -> list[list[int]]: ...
 
@@ -71,13 +72,14 @@ def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
 
 def token_windows(docs: Iterable[str], tokenizer: Encoder, window: int, num_threads: int = 1,
                   docs_per_chunk: int = DOCS_PER_CHUNK) -> Iterator[np.ndarray]:
-    """Documents -> consecutive, non-overlapping int32 windows of `window` tokens (each document + EOS)."""
-    eos = tokenizer.eos_id
+    """Documents -> consecutive, non-overlapping int32 windows of `window` tokens (each [BOS] + document + EOS)."""
+    eos, start = tokenizer.eos_id, document_start(tokenizer)
     carry = np.empty(0, dtype=np.int32)  # tokens after the last full window, continued by the next chunk
     for chunk in _chunks(docs, docs_per_chunk):
         chunk = [d for d in chunk if d]  # an empty document would only add a stray EOS
         flat: list[int] = []
         for ids in tokenizer.encode_batch(chunk, num_threads):
+            flat.extend(start)
             flat.extend(ids)
             flat.append(eos)
         tokens = np.concatenate([carry, np.asarray(flat, dtype=np.int32)])

@@ -32,11 +32,13 @@ import numpy as np
 from abot.config import Config, DataConfig
 from abot.data.pipeline import DOCS_PER_CHUNK, Encoder, _chunks
 from abot.errors import AbotError
+from abot.tokenizer import document_start
 
 FORMAT = "abot-token-shards"
 FORMAT_VERSION = 1
 META = "meta.json"
 TOKENIZER_COPY = "tokenizer.model"
+HF_TOKENIZER_COPY = "tokenizer.json"  # the copy's name when the tokenizer is a Hugging Face one
 SPLITS = ("train", "eval")
 DEFAULT_TOKENS_PER_SHARD = 1 << 26  # 64 Mi tokens: 128 MiB files at uint16
 DEFAULT_MAX_EVAL_TOKENS = 10_000_000  # evaluation reads train.eval_steps micro-batches: this is plenty
@@ -89,7 +91,7 @@ def write_split(docs: Iterable[str], tokenizer: Encoder, folder: Path, split: st
     """
     if tokens_per_shard < 1:
         raise AbotError(f"tokens per shard must be positive, got {tokens_per_shard}")
-    dtype, eos = token_dtype(vocab_size), tokenizer.eos_id
+    dtype, eos, start = token_dtype(vocab_size), tokenizer.eos_id, document_start(tokenizer)
     writer = _ShardWriter(folder, split, dtype, tokens_per_shard)
     total = documents = 0
     truncated = False
@@ -101,6 +103,7 @@ def write_split(docs: Iterable[str], tokenizer: Encoder, folder: Path, split: st
             encoded = tokenizer.encode_batch(chunk, num_threads)
             tokens: list[int] = []
             for ids in encoded:
+                tokens.extend(start)
                 tokens.extend(ids)
                 tokens.append(eos)
             flat = np.asarray(tokens, dtype=np.int64)
@@ -180,7 +183,7 @@ def prepare(cfg: Config, out: str | Path, max_tokens: int | None = None,
         entry = meta["splits"][split]
         say(f"  {split}: {entry['total_tokens']:,} tokens from {entry['documents']:,} documents in "
             f"{len(entry['files'])} file(s)")
-    shutil.copyfile(tokenizer.path, folder / TOKENIZER_COPY)
+    shutil.copyfile(tokenizer.path, folder / (HF_TOKENIZER_COPY if tokenizer.kind == "huggingface" else TOKENIZER_COPY))
     tmp = folder / f".{META}.tmp"
     tmp.write_text(json.dumps(meta, indent=2) + "\n")
     os.replace(tmp, folder / META)  # last: a folder with meta.json is complete
@@ -201,7 +204,7 @@ def _progress(say: Callable[[str], None], split: str, every: int = 50_000_000) -
 def _remove_shards(folder: Path) -> None:
     """Remove what a previous prepare wrote (and nothing else) before writing anew."""
     for path in folder.iterdir():
-        if path.is_file() and (path.name in (META, TOKENIZER_COPY, f".{META}.tmp")
+        if path.is_file() and (path.name in (META, TOKENIZER_COPY, HF_TOKENIZER_COPY, f".{META}.tmp")
                                or (path.suffix == ".bin" and path.name.split("-")[0] in SPLITS)):
             path.unlink()
 

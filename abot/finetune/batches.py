@@ -1,14 +1,14 @@
 """Conversations and preference pairs -> fixed-shape, padded token batches with loss masks.
 
-One conversation per row, rendered with the chat template (abot.chat_template) and right-padded with PAD
-to `seq_len + 1` tokens. Attention is causal, so a real token never sees padding and no row sees another
+One conversation per row, rendered with the tokenizer's chat template (abot.chat_template: abot's own, or a
+Hugging Face model's Jinja) and right-padded with the tokenizer's pad id to `seq_len + 1` tokens. Attention is causal, so a real token never sees padding and no row sees another
 conversation: padding per sequence needs no block-diagonal mask. Shapes never change, so the compiled step
 is traced once.
 
 - SFT example: {"tokens": (L + 1,) int32, "mask": (L,) float32}, mask[t] = 1 where tokens[t + 1] is an
-  assistant token (text and closing <|end|>): the template's mask shifted onto targets. Padding is 0.
+  assistant token (text and its end-of-turn marker): the template's mask shifted onto targets. Padding is 0.
 - DPO example: {"chosen", "rejected": (L + 1,), "chosen_mask", "rejected_mask": (L,)}; the masks cover the
-  final assistant message only (earlier turns are prompt).
+  final assistant message only (its run of the template's mask; everything before it is prompt).
 
 Bad input is dropped and counted per reason, never silently (DataStats, reported in the run's summary):
 `malformed` (not a list of {role, content} with a known role), `empty_message` (blank content),
@@ -31,10 +31,10 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from abot.chat_template import ROLES, render
+from abot.chat_template import ROLES, final_turn_mask, render
 from abot.data.pipeline import BatchStream, _chunks, buffer_shuffle, epoch_rng
 from abot.errors import AbotError
-from abot.tokenizer import PAD_ID
+from abot.token_layout import PAD_ID
 
 OVERLONG = ("truncate", "drop")
 DROP_REASONS = ("malformed", "empty_message", "no_assistant_turn", "prompt_mismatch", "identical_responses",
@@ -56,7 +56,8 @@ def check_conversation(messages: Any) -> str | None:
     return None
 
 
-def _fit(ids: list[int], mask: list[int], seq_len: int, overlong: str) -> tuple[np.ndarray, np.ndarray, bool] | None:
+def _fit(ids: list[int], mask: list[int], seq_len: int, overlong: str,
+         pad_id: int = PAD_ID) -> tuple[np.ndarray, np.ndarray, bool] | None:
     """Pad (or truncate) to seq_len + 1 tokens; the mask moves onto targets. None: nothing left to learn."""
     window = seq_len + 1
     truncated = len(ids) > window
@@ -66,7 +67,7 @@ def _fit(ids: list[int], mask: list[int], seq_len: int, overlong: str) -> tuple[
         ids, mask = ids[:window], mask[:window]
     if not any(mask[1:]):
         return None
-    tokens = np.full(window, PAD_ID, dtype=np.int32)
+    tokens = np.full(window, pad_id, dtype=np.int32)
     tokens[:len(ids)] = ids
     target_mask = np.zeros(seq_len, dtype=np.float32)
     target_mask[:len(ids) - 1] = mask[1:]
@@ -79,11 +80,16 @@ def encode_conversation(messages: Any, tokenizer, seq_len: int, overlong: str = 
     if reason:
         return None, reason
     ids, mask = render(messages, tokenizer=tokenizer)
-    fitted = _fit(ids, mask, seq_len, overlong)
+    fitted = _fit(ids, mask, seq_len, overlong, pad_of(tokenizer))
     if fitted is None:
         return None, "too_long"
     tokens, target_mask, truncated = fitted
     return {"tokens": tokens, "mask": target_mask}, "truncated" if truncated else "used"
+
+
+def pad_of(tokenizer) -> int:
+    """The tokenizer's pad id (abot's PAD for an encode-only fake)."""
+    return getattr(tokenizer, "pad_id", PAD_ID)
 
 
 def _prompt(messages: list[dict]) -> list[tuple[str, str]]:
@@ -105,12 +111,10 @@ def encode_pair(pair: Any, tokenizer, seq_len: int, overlong: str = "truncate") 
         return None, "prompt_mismatch"
     if chosen[-1]["content"] == rejected[-1]["content"]:
         return None, "identical_responses"
-    prompt_len = len(render(chosen[:-1], tokenizer=tokenizer).ids)  # the template renders message by message
     out, truncated = {}, False
     for name, side in (("chosen", chosen), ("rejected", rejected)):
         ids, mask = render(side, tokenizer=tokenizer)
-        mask = [0] * prompt_len + list(mask[prompt_len:])
-        fitted = _fit(ids, mask, seq_len, overlong)
+        fitted = _fit(ids, final_turn_mask(mask), seq_len, overlong, pad_of(tokenizer))
         if fitted is None:
             return None, "too_long"
         out[name], out[name + "_mask"], cut = fitted
