@@ -1,4 +1,5 @@
-"""`abot export`: a checkpoint as a Hugging Face folder (Llama, Qwen2 or Qwen3 architecture, float32 safetensors).
+"""`abot export`: a checkpoint as a Hugging Face folder (Llama, Qwen2 or Qwen3 architecture, safetensors in the
+parameters' dtype: float32 after training, an imported bfloat16 model's own bfloat16 untouched).
 
 abot's transformer is Llama's architecture: grouped-query attention (num_key_value_heads), RMSNorm (same
 formula as LlamaRMSNorm), a SwiGLU MLP and RoPE in the "rotate-half" layout (mx.fast.rope with
@@ -40,11 +41,12 @@ from pathlib import Path
 from typing import Callable
 
 import mlx.core as mx
-import numpy as np
 
 from abot.config import Config
 from abot.errors import AbotError
+from abot.checkpoint import dtype_name
 from abot.export_hf_tokenizer import special_ids, write_hf_tokenizer
+from abot.models import hf
 from abot.models.transformer import head_dim, hidden_size, kv_heads
 from abot.restore import checkpoint_tokenizer, open_checkpoint
 from abot.token_layout import BOS, BOS_ID, CHAT_MARKERS, END_ID, EOS, EOS_ID, FIRST_USER_ID, PAD, PAD_ID, UNK, UNK_ID
@@ -54,10 +56,6 @@ CHAT_TEMPLATE_JINJA = (
     "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
-
-
-def _to_numpy(a: mx.array) -> np.ndarray:
-    return np.asarray(a.astype(mx.float32))
 
 
 def hf_architecture(m) -> tuple[str, str, dict]:
@@ -83,37 +81,13 @@ def hf_architecture(m) -> tuple[str, str, dict]:
     return "LlamaForCausalLM", "llama", {"attention_bias": m.qkv_bias, "mlp_bias": False, "pretraining_tp": 1}
 
 
-# abot's block leaves -> Hugging Face's names in a decoder layer (biases and q/k norms only where present).
-LAYER_LINEARS = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj",
-                 "wo": "self_attn.o_proj", "w_gate": "mlp.gate_proj", "w_up": "mlp.up_proj",
-                 "w_down": "mlp.down_proj"}
-LAYER_VECTORS = {"attn_norm": "input_layernorm.weight", "mlp_norm": "post_attention_layernorm.weight",
-                 "bq": "self_attn.q_proj.bias", "bk": "self_attn.k_proj.bias", "bv": "self_attn.v_proj.bias",
-                 "bo": "self_attn.o_proj.bias", "q_norm": "self_attn.q_norm.weight",
-                 "k_norm": "self_attn.k_norm.weight"}
-
-
-def hf_tensors(params: dict, cfg: Config) -> dict[str, np.ndarray]:
-    """abot parameters -> Hugging Face state dict (float32, torch's (out, in) layout, contiguous)."""
+def hf_tensors(params: dict, cfg: Config) -> dict[str, mx.array]:
+    """abot parameters -> Hugging Face state dict (torch's (out, in) layout, each tensor's dtype kept)."""
     hf_architecture(cfg.model)  # refuses what no architecture represents
-
-    def linear(w):  # (in, out) -> (out, in)
-        return np.ascontiguousarray(_to_numpy(w).T)
-
-    out = {"model.embed_tokens.weight": np.ascontiguousarray(_to_numpy(params["embed"]))}
-    for i, block in enumerate(params["blocks"]):
-        for ours, theirs in LAYER_LINEARS.items():
-            out[f"model.layers.{i}.{theirs}.weight"] = linear(block[ours])
-        for ours, theirs in LAYER_VECTORS.items():
-            if ours in block:
-                out[f"model.layers.{i}.{theirs}"] = _to_numpy(block[ours])
-    out["model.norm.weight"] = _to_numpy(params["final_norm"])
-    if not cfg.model.tie_embeddings:
-        out["lm_head.weight"] = linear(params["head"])
-    return out
+    return hf.tensors_from_params(params, cfg.model.tie_embeddings)
 
 
-def hf_config(cfg: Config) -> dict:
+def hf_config(cfg: Config, dtype: str = "float32") -> dict:
     """config.json: the architecture `hf_architecture` picks, with every field that changes the maths."""
     m = cfg.model
     architecture, model_type, family = hf_architecture(m)
@@ -137,7 +111,7 @@ def hf_config(cfg: Config) -> dict:
         "attention_dropout": 0.0,
         "initializer_range": 0.02,
         "use_cache": True,
-        "torch_dtype": "float32",
+        "torch_dtype": dtype,
         "bos_token_id": BOS_ID,
         "eos_token_id": EOS_ID,
         "pad_token_id": PAD_ID,
@@ -181,8 +155,6 @@ def generation_config() -> dict:
 def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, tokenizer_path: str | Path | None = None,
                       say: Callable[[str], None] = print, force: bool = False) -> Path:
     """Write the Hugging Face folder for `ckpt_path` into `out_dir`; returns `out_dir`."""
-    from safetensors.numpy import save_file
-
     opened, out_dir = open_checkpoint(ckpt_path), Path(out_dir)
     cfg = opened.config()
     tensors = hf_tensors(opened.params(), cfg)  # refuses what no architecture has before writing anything
@@ -195,20 +167,21 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, tokenizer_path
         say(f"Note: model.dropout {cfg.model.dropout} is dropped (inference only; the exported model has none).")
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / "model.safetensors"
-    save_file(tensors, str(weights), metadata={"format": "pt"})
+    mx.save_safetensors(str(weights), tensors, metadata={"format": "pt"})
     umask = os.umask(0)
     os.umask(umask)
     weights.chmod(0o666 & ~umask)  # safetensors writes 0600; give it the usual permissions of a new file
-    written = write_tokenizer(tokenizer, cfg, out_dir)
+    dtype = dtype_name(tensors["model.embed_tokens.weight"].dtype)
+    written = write_tokenizer(tokenizer, cfg, out_dir, dtype)
     n = sum(t.size for t in tensors.values())
-    say(f"Exported {opened.path} (step {opened.step}, {n / 1e6:.2f}M parameters, float32) to {out_dir} as "
+    say(f"Exported {opened.path} (step {opened.step}, {n / 1e6:.2f}M parameters, {dtype}) to {out_dir} as "
         f"{hf_architecture(cfg.model)[0]}: config.json, model.safetensors, {', '.join(written)}.")
     return out_dir
 
 
-def write_tokenizer(tokenizer, cfg: Config, out_dir: Path) -> list[str]:
+def write_tokenizer(tokenizer, cfg: Config, out_dir: Path, dtype: str = "float32") -> list[str]:
     """config.json and the tokenizer's files (abot's SentencePiece, or a Hugging Face tokenizer's); their names."""
-    config = hf_config(cfg)
+    config = hf_config(cfg, dtype)
     if tokenizer.kind == "huggingface":
         (out_dir / "config.json").write_text(json.dumps({**config, **special_ids(tokenizer)}, indent=2) + "\n")
         return write_hf_tokenizer(tokenizer, out_dir, cfg.model.max_seq_len)

@@ -170,3 +170,54 @@ def test_random_models_built_by_transformers_load_with_the_same_logits(tmp_path,
     opened = open_checkpoint(tmp_path / kind)
     logits = build_model(opened.config()).apply(opened.params(), mx.array(ids.numpy()))[0]
     assert np.abs(np.array(logits) - want).max() <= 1e-4
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_folder_to_abot_to_export_gives_the_same_tensors_bit_for_bit(tmp_path, kind):
+    from abot.export import export_checkpoint
+
+    export_checkpoint(FIXTURES / kind, tmp_path / "out", say=lambda line: None)
+    original = mx.load(str(FIXTURES / kind / "model.safetensors"))
+    exported = mx.load(str(tmp_path / "out" / "model.safetensors"))
+    assert sorted(exported) == sorted(original)
+    for name, tensor in original.items():
+        assert exported[name].dtype == tensor.dtype and mx.array_equal(exported[name], tensor).item(), name
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    source = json.loads((FIXTURES / kind / "config.json").read_text())
+    assert config["architectures"] == source["architectures"]
+    assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (FIXTURES / kind / "tokenizer.json").read_bytes()
+
+
+def run_abot(*args, cwd) -> str:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "abot", *args], capture_output=True, text=True, cwd=cwd, timeout=600,
+                         env={**__import__("os").environ, "COLUMNS": "200"})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout
+
+
+@pytest.mark.slow
+def test_sft_and_dpo_from_an_imported_folder_with_no_model_section(tmp_path):
+    """A YAML with no model section and no tokenizer: both come from the folder. The loss falls, the run reloads."""
+    common = ["train.micro_batch_size=4", "train.grad_accum_steps=1", "train.lr=3e-3", "train.min_lr=3e-4",
+              "train.warmup_steps=2", "train.eval_steps=4", "train.log_interval=10", "train.ckpt_keep=1",
+              "train.gradient_checkpointing=false", "train.precision=float32"]
+    (tmp_path / "sft.yaml").write_text(
+        f"data:\n  source: chat\n  dataset: {ROOT}/configs/data/ultrachat_mini\n  split: train_sft\n"
+        f"  eval_split: test_sft\n  seq_len: 64\ntrain:\n  init_from: {FIXTURES / 'qwen2'}\n  save_dir: sft\n")
+    run_abot("sft", "sft.yaml", *common, "train.total_steps=30", "train.eval_interval=30", "train.ckpt_interval=30",
+             cwd=tmp_path)
+    summary = json.loads((tmp_path / "sft" / "logs" / "final_training_summary.json").read_text())
+    assert summary["final_eval"]["loss"] < summary["initial_eval"]["loss"] - 0.5
+    assert open_checkpoint(tmp_path / "sft").config().model.qkv_bias  # the run folder reloads as the folder's model
+    run_abot("generate", "sft", "--prompt", "Hello", "--max-new-tokens", "4", cwd=tmp_path)
+
+    (tmp_path / "dpo.yaml").write_text(
+        f"data:\n  source: preferences\n  dataset: {ROOT}/configs/data/ultrafeedback_mini\n  split: train_prefs\n"
+        f"  eval_split: test_prefs\n  seq_len: 64\ntrain:\n  init_from: {FIXTURES / 'qwen3'}\n  save_dir: dpo\n")
+    run_abot("dpo", "dpo.yaml", *common, "train.total_steps=20", "train.eval_interval=20", "train.ckpt_interval=20",
+             cwd=tmp_path)
+    summary = json.loads((tmp_path / "dpo" / "logs" / "final_training_summary.json").read_text())
+    assert summary["initial_eval"]["accuracy"] == 0.0 and summary["final_eval"]["loss"] < 0.6931

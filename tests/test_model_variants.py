@@ -302,8 +302,6 @@ def test_memory_estimate_is_smaller_for_gqa_by_the_kv_activations():
 # ------------------------------------------------------------------ export
 
 def export_folder(tmp_path, **options):
-    from safetensors.numpy import save_file
-
     from abot.export import hf_config, hf_tensors
 
     cfg, model, params = build(**options)
@@ -311,7 +309,7 @@ def export_folder(tmp_path, **options):
     out = tmp_path / "hf"
     out.mkdir()
     tensors = hf_tensors(params, full)
-    save_file(tensors, str(out / "model.safetensors"))
+    mx.save_safetensors(str(out / "model.safetensors"), tensors)
     config = hf_config(full)
     (out / "config.json").write_text(json.dumps(config))
     return cfg, model, params, config, tensors, out

@@ -1,4 +1,4 @@
-"""Hugging Face decoder folders as abot models: config.json -> the `model` section, safetensors -> parameters.
+"""Hugging Face decoder folders as abot models: config.json -> the `model` section, safetensors <-> parameters.
 
 Llama (2, 3, 3.1, 3.2 with llama3 rope scaling; SmolLM, SmolLM2), Mistral, Qwen2 (q/k/v biases) and Qwen3
 (per-head q/k norms, head_dim set on its own) map onto abot's transformer exactly (NOTES.md, "Hugging Face
@@ -23,7 +23,9 @@ ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "
 CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE = "config.json", "model.safetensors", "model.safetensors.index.json"
 EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size")
 LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-# Hugging Face linear layers are (out, in) and compute x @ W.T; abot's are (in, out): x @ W.
+# abot's block leaves -> Hugging Face's names in a decoder layer, both ways (biases and q/k norms where present).
+# Hugging Face linear layers are (out, in) and compute x @ W.T; abot's are (in, out): x @ W. RoPE is the
+# rotate-half layout in both, so q and k need no permutation.
 LINEARS = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj", "wo": "self_attn.o_proj",
            "w_gate": "mlp.gate_proj", "w_up": "mlp.up_proj", "w_down": "mlp.down_proj"}
 VECTORS = {"bq": "self_attn.q_proj.bias", "bk": "self_attn.k_proj.bias", "bv": "self_attn.v_proj.bias",
@@ -192,3 +194,19 @@ def params_from_tensors(tensors: dict[str, mx.array], model: dict, folder: Path)
         raise AbotError(f"{folder}: {len(extra)} tensors that config.json does not explain (e.g. {extra[0]!r}); "
                         "abot refuses to load a model partly")
     return params
+
+
+def tensors_from_params(params: dict, tie_embeddings: bool) -> dict[str, mx.array]:
+    """The Hugging Face state dict of abot parameters: names and (out, in) layouts, dtypes kept, so a folder
+    loaded and written back unchanged gives the same tensors bit for bit."""
+    def linear(w: mx.array) -> mx.array:
+        return mx.contiguous(w.T)
+
+    out = {"model.embed_tokens.weight": params["embed"]}
+    for i, block in enumerate(params["blocks"]):
+        out.update({f"model.layers.{i}.{theirs}.weight": linear(block[ours]) for ours, theirs in LINEARS.items()})
+        out.update({f"model.layers.{i}.{theirs}": block[ours] for ours, theirs in VECTORS.items() if ours in block})
+    out["model.norm.weight"] = params["final_norm"]
+    if not tie_embeddings:
+        out["lm_head.weight"] = linear(params["head"])
+    return out
