@@ -21,7 +21,7 @@ import yaml
 from abot.errors import ConfigError
 
 PRECISIONS = ("float32", "bfloat16", "float16")
-ACTIVATIONS = ("silu", "gelu")
+ACTIVATIONS = ("silu", "gelu", "relu2")
 
 
 @dataclass
@@ -35,7 +35,7 @@ class ModelConfig:
     dropout: float = 0.1
     max_seq_len: int = 4096  # longest sequence RoPE and generation support
     rope_theta: float = 10000.0
-    ffn_activation: str = "silu"  # "silu" (SwiGLU) or "gelu" (GELU MLP)
+    ffn_activation: str = "silu"  # "silu" (SwiGLU), "gelu" (GELU MLP) or "relu2" (ReLU² MLP, modded-nanogpt)
     norm_eps: float = 1e-5  # RMSNorm epsilon
     tie_embeddings: bool = True
     # Shapes of Llama / Mistral / Qwen2 / Qwen3 checkpoints; the defaults are abot's own model.
@@ -46,6 +46,9 @@ class ModelConfig:
     qk_norm: bool = False  # RMSNorm over head_dim on each head of q and k, before RoPE (Qwen3)
     rope_scaling: Union[dict, None] = None  # null, or {rope_type: llama3, factor, low_freq_factor, ...}
     mlp_hidden: Union[int, None] = None  # MLP hidden size given directly; null: mlp_multiple * d_model
+    # Speedrun options (modded-nanogpt); the defaults are abot's own model.
+    zero_init_out: bool = False  # attention and MLP output projections start at zero (each block starts as identity)
+    logit_softcap: Union[float, None] = None  # logits -> cap * tanh(logits / cap); null: no cap
 
 
 # model.rope_scaling: the supported types and the keys each one needs (Hugging Face's names).
@@ -310,6 +313,8 @@ def validation_problems(cfg: Config) -> list[str]:
         errors.append(f"model.mlp_hidden must be positive (or null for mlp_multiple * d_model), got {m.mlp_hidden}")
     if d.seq_len > m.max_seq_len:
         errors.append(f"data.seq_len ({d.seq_len}) must be <= model.max_seq_len ({m.max_seq_len})")
+    if m.logit_softcap is not None and m.logit_softcap <= 0:
+        errors.append(f"model.logit_softcap must be positive (or null for no cap), got {m.logit_softcap}")
     if m.ffn_activation not in ACTIVATIONS:
         errors.append(f"model.ffn_activation '{m.ffn_activation}' is not one of {', '.join(ACTIVATIONS)}")
     if t.precision not in PRECISIONS:

@@ -63,8 +63,12 @@ def hf_architecture(m) -> tuple[str, str, dict]:
     Hugging Face decoder of these families computes, naming the key."""
     if m.name != "transformer":
         raise AbotError(f"model.name is '{m.name}': only abot's built-in 'transformer' maps onto Llama")
+    if m.logit_softcap is not None:
+        raise AbotError(f"model.logit_softcap is {m.logit_softcap}: Llama, Qwen2 and Qwen3 do not cap logits (Gemma 2's "
+                        "final_logit_softcapping does; abot does not export to it), so this model cannot be exported")
     if m.ffn_activation != "silu":
-        raise AbotError(f"model.ffn_activation is '{m.ffn_activation}': a GELU MLP has no Llama equivalent "
+        kind = {"gelu": "a GELU MLP", "relu2": "a ReLU² MLP"}.get(m.ffn_activation, m.ffn_activation)
+        raise AbotError(f"model.ffn_activation is '{m.ffn_activation}': {kind} has no Llama equivalent "
                         "(LlamaForCausalLM, Qwen2 and Qwen3 are SwiGLU only), so this model cannot be exported")
     qwen = {"use_sliding_window": False, "sliding_window": None, "max_window_layers": m.n_layers}
     if m.qk_norm:

@@ -26,13 +26,16 @@ Activation phase (forward + backward of one micro-batch), per-token sizes with T
                                                 gate, up and silu(gate)*up, which the backward pass needs,
                                                 and 1 BLF more (measured, CPU)
                       (gelu: 4 BLF)             GELU: up, up/sqrt(2), 1+erf(.), the GELU output
+                      (relu2: 4 BLF)            ReLU²: up and its square, hand-written gradient (measured
+                                                within 1% at 3x256, seq 256)
                     + 2*T*D                     dropout > 0: the two bool keep-masks
     top             = 3 BLD                     embedding output, final-norm input and output
     loss            = 2.5 BLV                   the float32 logits and their gradient at the start of the
                                                 backward pass, and part of the time the forward's softmax
                                                 exp (measured: 2 to 3 BLV with the evaluation order; the
                                                 gradient is one fused kernel, abot/ops/losses.py) (+ T*V*c
-                                                for the low-precision logits when c < 4)
+                                                for the low-precision logits when c < 4; + BLV with
+                                                model.logit_softcap: the capped logits, measured +1.0 BLV)
 
     attention: no seq x seq matrix is kept from the forward pass (MLX's fused kernel on GPUs, a
         FlashAttention-style backward on the CPU); the block whose backward is running rebuilds its
@@ -198,7 +201,7 @@ def estimate_memory(cfg: Config, shapes: Shapes | None = None) -> MemoryEstimate
     block = 4 * bld + attn_saved + mlp + drop
     active = block + attention
     top = 3 * bld + (tokens * d if m.dropout > 0 else 0)
-    loss = 5 * blv // 2 + (tokens * v * c if c < 4 else 0)
+    loss = 5 * blv // 2 + (tokens * v * c if c < 4 else 0) + (blv if m.logit_softcap is not None else 0)
     no_ckpt = n * block + active + top + loss
     # Checkpointed: the larger of the backward pass's first moment (loss buffers + the top block recomputed
     # with its cotangents) and its last (every block's deferred MLP cotangents, only the logits gradient left).

@@ -85,10 +85,14 @@ def reference_logits(cfg: ModelConfig, params, toks, inv_freq=None):
         a = (s @ v).transpose(0, 2, 1, 3).reshape(b, t, -1)
         x = x + a @ p["wo"] + p.get("bo", 0)
         h = norm(x, p["mlp_norm"])
-        g = h @ p["w_gate"]
-        x = x + (g * mx.sigmoid(g) * (h @ p["w_up"])) @ p["w_down"]
+        if cfg.ffn_activation == "relu2":  # Primer / modded-nanogpt: relu(h W_up)^2 W_down
+            x = x + mx.square(mx.maximum(h @ p["w_up"], 0.0)) @ p["w_down"]
+        else:
+            g = h @ p["w_gate"]
+            x = x + (g * mx.sigmoid(g) * (h @ p["w_up"])) @ p["w_down"]
     x = norm(x, params["final_norm"])
-    return x @ (params["embed"].T if cfg.tie_embeddings else params["head"])
+    logits = x @ (params["embed"].T if cfg.tie_embeddings else params["head"])
+    return logits if cfg.logit_softcap is None else cfg.logit_softcap * mx.tanh(logits / cfg.logit_softcap)
 
 
 # ------------------------------------------------------------------ defaults are today's model
@@ -409,3 +413,55 @@ def test_gqa_model_trains_from_yaml_and_resumes_bit_exactly(tmp_path):
     same = tree_map(lambda x, y: bool(np.array_equal(np.asarray(x), np.asarray(y))), a.trees["state"], b.trees["state"])
     assert all(v for _, v in tree_flatten(same))
     assert b.meta["data_state"] == a.meta["data_state"]
+
+
+# ------------------------------------------------------------------ speedrun options (issue 23)
+
+@pytest.mark.parametrize("options", [{"ffn_activation": "relu2"}, {"logit_softcap": 2.0},
+                                     {"ffn_activation": "relu2", "logit_softcap": 5.0, "qk_norm": True}],
+                         ids=["relu2", "softcap", "relu2-softcap-qknorm"])
+def test_speedrun_options_equal_the_reference(options):
+    cfg, model, params = build(**options)
+    toks = tokens()
+    logits = model.apply(params, toks)
+    assert mx.abs(logits - reference_logits(cfg, params, toks)).max().item() < 1e-5
+    if cfg.logit_softcap is not None:
+        assert mx.abs(logits).max().item() < cfg.logit_softcap
+    assert transformer_param_count(cfg) == count_params(params)
+
+
+def test_relu2_gradient_equals_autodiff_of_the_plain_formula():
+    from abot.ops.elementwise import relu_squared
+
+    a = mx.random.normal((4, 33), key=mx.random.key(3))
+    cotangent = mx.random.normal((4, 33), key=mx.random.key(4))
+    ours = mx.vjp(relu_squared, [a], [cotangent])[1][0]
+    plain = mx.vjp(lambda x: mx.square(mx.maximum(x, 0.0)), [a], [cotangent])[1][0]
+    assert mx.array_equal(relu_squared(a), mx.square(mx.maximum(a, 0.0))).item()
+    assert mx.abs(ours - plain).max().item() == 0.0
+
+
+def test_zero_init_out_starts_every_block_as_the_identity():
+    cfg = ModelConfig(**SMALL, zero_init_out=True)
+    plain, zeroed = (transformer(c).init(mx.random.key(0)) for c in (ModelConfig(**SMALL), cfg))
+    for a, b in zip(plain["blocks"], zeroed["blocks"]):
+        assert not b["wo"].any().item() and not b["w_down"].any().item()
+        assert all(mx.array_equal(a[k], b[k]).item() for k in a if k not in ("wo", "w_down"))  # same draws
+    toks = tokens()
+    x = zeroed["embed"][toks]
+    x = x * mx.rsqrt((x * x).mean(-1, keepdims=True) + cfg.norm_eps) * zeroed["final_norm"]
+    assert mx.abs(transformer(cfg).apply(zeroed, toks) - x @ zeroed["embed"].T).max().item() < 1e-5
+
+
+def test_speedrun_option_errors_and_export_refusals():
+    from abot.export import hf_config
+
+    with pytest.raises(ConfigError, match="model.logit_softcap must be positive"):
+        config_from_dict({"model": {**SMALL, "logit_softcap": 0.0}, "data": {"seq_len": 64}})
+    with pytest.raises(ConfigError, match="relu2"):
+        config_from_dict({"model": {**SMALL, "ffn_activation": "relu"}, "data": {"seq_len": 64}})
+    for options, words in (({"ffn_activation": "relu2"}, "model.ffn_activation is 'relu2': a ReLU² MLP"),
+                           ({"logit_softcap": 30.0}, "model.logit_softcap is 30.0")):
+        cfg = config_from_dict({"model": {**SMALL, **options}, "data": {"seq_len": 64}})
+        with pytest.raises(AbotError, match=words):
+            hf_config(cfg)

@@ -325,3 +325,25 @@ def test_spread_places_leaves_on_the_least_loaded_stream_without_changing_the_up
         spread_out = opt.update(grads, opt.init(params), params, mx.array(0.01))
     for (k, x), (_, y) in zip(tree_flatten(plain), tree_flatten(spread_out)):
         assert mx.array_equal(x, y).item(), k
+
+
+def test_muon_adamw_adamw_lr_scale_moves_only_the_adamw_leaves():
+    """adamw_lr_scale s: the AdamW leaves take AdamW's step at lr * s, the hidden matrices Muon's at lr."""
+    from abot.optim.adamw import adamw
+    from abot.optim.muon_adamw import muon_adamw
+
+    params = {"embed": mx.random.normal((16, 8), key=mx.random.key(0)),
+              "blocks": [{"wq": mx.random.normal((8, 8), key=mx.random.key(1)), "attn_norm": mx.ones((8,))}]}
+    grads = tree_map(lambda p: mx.random.normal(p.shape, key=mx.random.key(p.size)), params)
+    lr, s = mx.array(0.01), 0.25
+
+    def one_step(opt, rate):
+        return opt.update(grads, opt.init(params), params, rate)[0]
+
+    scaled, plain = one_step(muon_adamw(adamw_lr_scale=s), lr), one_step(muon_adamw(), lr)
+    reference = one_step(adamw(), lr * s)
+    assert mx.array_equal(scaled["blocks"][0]["wq"], plain["blocks"][0]["wq"]).item()
+    for leaf in (lambda t: t["embed"], lambda t: t["blocks"][0]["attn_norm"]):
+        assert mx.allclose(leaf(scaled), leaf(reference), atol=1e-7).item()
+    with pytest.raises(ValueError, match="adamw_lr_scale"):
+        muon_adamw(adamw_lr_scale=0.0)

@@ -19,7 +19,7 @@ from abot.config import ModelConfig
 from abot.models.roles import BIAS, EMBEDDING, HEAD, HIDDEN, NORM, ParamRole, conventional_role
 from abot.ops.attention import causal_attention
 from abot.ops.dropout import dropout
-from abot.ops.mlp import gelu_mlp, swiglu
+from abot.ops.mlp import gelu_mlp, relu2_mlp, swiglu
 from abot.ops.norm import rms_norm
 from abot.ops.rope import apply_rope, rope_periods
 
@@ -84,6 +84,8 @@ def init_params(cfg: ModelConfig, key: mx.array) -> Params:
             block["w_gate"] = normal((d, h))
         block["w_up"] = normal((d, h))
         block["w_down"] = normal((h, d), out_std)
+        if cfg.zero_init_out:  # drawn first all the same, so every other leaf starts as without the option
+            block["wo"], block["w_down"] = mx.zeros_like(block["wo"]), mx.zeros_like(block["w_down"])
         blocks.append(block)
     params = {"embed": normal((cfg.vocab_size, d)), "blocks": blocks, "final_norm": mx.ones((d,))}
     if not cfg.tie_embeddings:
@@ -157,6 +159,8 @@ def _block(cfg: ModelConfig, p: Params, x: mx.array, keys, kv=None, periods=None
     h = rms_norm(x, p["mlp_norm"], cfg.norm_eps)
     if cfg.ffn_activation == "silu":
         m = swiglu(h, p["w_gate"], p["w_up"], p["w_down"])
+    elif cfg.ffn_activation == "relu2":
+        m = relu2_mlp(h, p["w_up"], p["w_down"])
     else:
         m = gelu_mlp(h, p["w_up"], p["w_down"])
     return x + dropout(m, cfg.dropout, keys[1]), (k, v)
@@ -185,6 +189,8 @@ def apply(cfg: ModelConfig, params: Params, tokens: mx.array, key: mx.array | No
             new_cache.append(kv)
     x = rms_norm(x, params["final_norm"], cfg.norm_eps)
     logits = x @ (params["embed"].T if cfg.tie_embeddings else params["head"])
+    if cfg.logit_softcap is not None:  # Gemma 2 / modded-nanogpt: smooth bound on the logits
+        logits = cfg.logit_softcap * mx.tanh(logits / cfg.logit_softcap)
     return logits if cache is None else (logits, new_cache)
 
 

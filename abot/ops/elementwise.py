@@ -68,3 +68,18 @@ def _silu_gate_vjp(primals, cotangent, output):
     s = 1.0 / (1.0 + mx.exp(-a))
     gs = cotangent * s
     return gs * b * (1.0 + a * (1.0 - s)), gs * a
+
+
+@mx.custom_function
+def relu_squared(a: mx.array) -> mx.array:
+    """max(a, 0)^2, the ReLU² activation."""
+    r = mx.maximum(a, 0.0)
+    return r * r
+
+
+@relu_squared.vjp
+def _relu_squared_vjp(primals, cotangent, output):
+    # d/da = 2 max(a, 0), recomputed from a: only `a` is kept for backward, not max(a, 0) as well (autodiff
+    # of maximum-then-square keeps both, one more tensor of the MLP's hidden size per block).
+    a = primals  # a one-argument custom function gets its primal and returns its cotangent bare
+    return 2.0 * cotangent * mx.maximum(a, 0.0)

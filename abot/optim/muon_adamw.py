@@ -22,16 +22,19 @@ def is_hidden_matrix(path: str, leaf: mx.array, param_role: ParamRole = conventi
 
 def muon_adamw(weight_decay: float = 0.0, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
                scale: str = "moonshot", b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
-               param_role: ParamRole = conventional_role) -> Optimizer:
+               adamw_lr_scale: float = 1.0, param_role: ParamRole = conventional_role) -> Optimizer:
     """Muon on hidden matrices, AdamW on embeddings, head, norms and 1-D leaves (the default).
 
     `param_role` is the model's declaration of which leaves are hidden matrices (abot.build passes it).
-    Both groups share the learning rate, which is why Muon's update is Moonshot-scaled by default (its RMS
-    matches AdamW's). State: {"count": int32 scalar, "leaves": tree like params whose leaves are
+    Both groups follow the schedule's learning rate, which is why Muon's update is Moonshot-scaled by default
+    (its RMS matches AdamW's); `adamw_lr_scale` gives the AdamW leaves their own rate, lr * adamw_lr_scale
+    (modded-nanogpt and nanochat tune the two groups separately). State: {"count": int32 scalar, "leaves": tree like params whose leaves are
     {"buf": ...} (Muon) or {"m": ..., "v": ...} (AdamW)}, all float32.
     """
     check_muon_options(momentum, ns_steps, scale, weight_decay)
     check_adam_options(b1, b2, eps, weight_decay)
+    if adamw_lr_scale <= 0:
+        raise ValueError(f"muon_adamw: adamw_lr_scale must be > 0, got {adamw_lr_scale}")
     if not callable(param_role):  # e.g. set in train.optimizer_args: it comes from the model, not the config
         raise TypeError("muon_adamw: param_role is the model's declaration (Model.param_role), not an option")
 
@@ -52,8 +55,8 @@ def muon_adamw(weight_decay: float = 0.0, momentum: float = 0.95, nesterov: bool
                 p, buf = muon_leaf(p, g, s["buf"], lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
                                    scale=scale, weight_decay=weight_decay)
                 return p, {"buf": buf}
-            p, m, v = adamw_leaf(p, g, s["m"], s["v"], lr, corrections, b1=b1, b2=b2, eps=eps,
-                                 weight_decay=weight_decay)
+            p, m, v = adamw_leaf(p, g, s["m"], s["v"], lr * adamw_lr_scale if adamw_lr_scale != 1.0 else lr,
+                                 corrections, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
             return p, {"m": m, "v": v}
 
         new_params, leaves = map_leaves(step, params, grads, state["leaves"], with_path=True)
