@@ -41,7 +41,7 @@ def no_reference(monkeypatch):
 
 @pytest.mark.parametrize("loss", ["simpo", "orpo"])
 def test_dpo_with_a_reference_free_loss_needs_no_reference(loss, tmp_path, no_reference):
-    out = CliRunner().invoke(app, tiny_dpo_args(tmp_path / "run", f"train.loss={loss}", "train.loss_args={}"))
+    out = CliRunner().invoke(app, tiny_dpo_args(tmp_path / "run", f"train.loss={loss}"))
     assert out.exit_code == 0, out.output + repr(out.exception)
     assert no_reference == [] and "random initialization" in out.output
     rows = [json.loads(line) for line in (tmp_path / "run" / "logs" / "metrics.jsonl").read_text().splitlines()]

@@ -103,6 +103,7 @@ def ipo(model, params, batch: dict, key: mx.array | None, beta: float = 0.1):
 ipo.batch_kind = "preferences"
 ipo.needs_reference = True
 
+
 # The highest mean log-prob ORPO's odds are computed at: P = exp(-1e-6), log odds ~13.8. At P = 1 (a mean
 # log-prob that rounds to 0 in float32) the log odds would be infinite and their gradient NaN.
 MAX_MEAN_LOGPROB = -1e-6
