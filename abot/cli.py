@@ -58,7 +58,8 @@ def sft(config: str = typer.Argument(..., help="YAML config, e.g. configs/sft.ya
 def dpo(config: str = typer.Argument(..., help="YAML config, e.g. configs/dpo.yaml"),
         overrides: Optional[List[str]] = OVERRIDES,
         resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in save_dir")):
-    """Preference tuning (DPO, or train.loss: ipo) on chosen/rejected pairs, from train.init_from."""
+    """Preference tuning on chosen/rejected pairs: DPO (or train.loss: ipo, from train.init_from, also the
+    frozen reference), or the reference-free orpo and simpo."""
     _finetune("dpo", config, overrides, resume)
 
 

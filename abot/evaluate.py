@@ -8,7 +8,9 @@ exactly as training scores them. A YAML file replaces the data section, and
 model keys cannot change. The loss is the mean next-token cross-entropy over all predicted tokens (every
 batch is full, so the mean of batch means is the token mean); perplexity is exp(loss). A checkpoint trained
 on conversations (`abot sft`) is scored as `abot sft` evaluates: cross-entropy on assistant tokens only,
-the mean over micro-batches.
+the mean over micro-batches. One trained on preference pairs with a reference-free loss (orpo, simpo) is
+scored as `abot dpo` evaluates it: that loss and its rewards and accuracy, no perplexity; a DPO or IPO
+checkpoint's loss needs the frozen reference model, which a checkpoint does not hold, so it is refused.
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ from abot.build import build_model
 from abot.config import Config, ConfigError, config_from_dict
 from abot.errors import AbotError
 from abot.restore import checkpoint_tokenizer, open_checkpoint
-from abot.stage import Stage, eval_batches, evaluate, loss_batch_kind, predicted_tokens, stage_for_source, stage_loss
+from abot.stage import (Stage, eval_batches, evaluate, loss_batch_kind, needs_reference, predicted_tokens,
+                        stage_for_source, stage_loss)
 from abot.step import make_eval_step
 
 SPLITS = ("eval", "train")
+PREFERENCE_METRICS = ("reward_chosen", "reward_rejected", "reward_margin", "accuracy")  # shown in the table
 
 
 def _data_section(path: str) -> dict:
@@ -60,13 +64,18 @@ def eval_config(ckpt_meta_config: dict, where: str, data: Sequence[str] = ()):
     return config_from_dict(raw, where, overrides, stored=True)
 
 
-def scoring_loss(cfg: Config, stage: Stage):
-    """The checkpoint's train.loss where it fits the data's stage, else the stage's default (e.g. a DPO-tuned
-    model scored on text: next_token)."""
+def scoring_config(cfg: Config, stage: Stage) -> Config:
+    """`cfg` with its train.loss where that fits the data's stage, else with the stage's default loss (e.g. a
+    DPO-tuned model scored on text: next_token)."""
     name = cfg.train.loss
     if name and loss_batch_kind(name, registry.losses.get(name, "train.loss")) not in (None, stage.batch_kind):
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, loss=None, loss_args={}))
-    return stage_loss(cfg, stage)
+    return cfg
+
+
+def scoring_loss(cfg: Config, stage: Stage):
+    """The loss a checkpoint is scored with on the data's stage (`scoring_config`), its options bound."""
+    return stage_loss(scoring_config(cfg, stage), stage)
 
 
 def evaluate_checkpoint(ckpt_path: str | Path, data: Sequence[str] = (), split: str = "eval",
@@ -82,7 +91,7 @@ def evaluate_checkpoint(ckpt_path: str | Path, data: Sequence[str] = (), split: 
         raise AbotError(f"--steps must be positive, got {n_batches}")
     d, t = cfg.data, cfg.train
     stage = stage_for_source(cfg)  # scored as the stage that trains on this data evaluates
-    if stage.reference:
+    if needs_reference(stage, scoring_config(cfg, stage)):
         raise AbotError(f"{opened.path}: its data (data.source: {d.source}) is preference pairs, whose loss needs the "
                         "frozen reference model; `abot dpo` prints that held-out loss and reward accuracy. For "
                         "perplexity on text: abot eval CHECKPOINT --data data.source=stdlib_docs (or a text dataset)")
@@ -93,12 +102,16 @@ def evaluate_checkpoint(ckpt_path: str | Path, data: Sequence[str] = (), split: 
                         "train.micro_batch_size or use more data")
     result = evaluate(stage, make_eval_step(build_model(cfg), scoring_loss(cfg, stage), t.compile), opened.params(),
                       batches)
-    loss, seconds = result["loss"], time.perf_counter() - t0
+    loss, seconds = result.pop("loss"), time.perf_counter() - t0
     source = d.dataset if d.source == "huggingface" else d.source
+    # A token cross-entropy has a perplexity; a reference-free preference loss (orpo, simpo) reports its own
+    # metrics (rewards, margin, accuracy) instead.
+    scores = ({"ppl": math.exp(min(loss, 50.0)), "bits_per_token": loss / math.log(2)} if stage.perplexity
+              else result)
     return {"checkpoint": str(opened.path), "step": opened.step, "split": split, "source": source,
             "data_files": d.data_files, "batches": len(batches), "micro_batch_size": t.micro_batch_size,
-            "seq_len": d.seq_len, "tokens": sum(predicted_tokens(b) for b in batches), "loss": loss,
-            "ppl": math.exp(min(loss, 50.0)), "bits_per_token": loss / math.log(2), "seconds": seconds}
+            "seq_len": d.seq_len, "tokens": sum(predicted_tokens(b) for b in batches), "loss": loss, **scores,
+            "seconds": seconds}
 
 
 def result_table(result: dict):
@@ -111,8 +124,11 @@ def result_table(result: dict):
     data = result["source"] + (f" ({result['data_files']})" if result.get("data_files") else "")
     rows = [("data", data), ("split", result["split"]),
             ("batches", f"{result['batches']} x {result['micro_batch_size']} x {result['seq_len']}"),
-            ("tokens", f"{result['tokens']:,}"), ("loss", f"{result['loss']:.4f}"), ("ppl", f"{result['ppl']:.2f}"),
-            ("bits/token", f"{result['bits_per_token']:.3f}"), ("time", f"{result['seconds']:.1f} s")]
+            ("tokens", f"{result['tokens']:,}"), ("loss", f"{result['loss']:.4f}")]
+    if "ppl" in result:
+        rows += [("ppl", f"{result['ppl']:.2f}"), ("bits/token", f"{result['bits_per_token']:.3f}")]
+    rows += [(k, f"{result[k]:.4f}") for k in PREFERENCE_METRICS if k in result]
+    rows.append(("time", f"{result['seconds']:.1f} s"))
     for name, value in rows:
         table.add_row(name, value)
     return table

@@ -2,9 +2,10 @@
 
 A stage names the kind of batch its data source must produce (text, conversations or preference pairs), its
 default loss, and how its held-out evaluation reads. Any registered loss whose `batch_kind` matches a stage
-trains in it (a plugin's loss too, `train.loss`). `stage_data` builds the batch stream, the fixed evaluation
-batches and `prepare` (numpy batch -> what the train step takes) for every stage; `evaluate` is the one
-evaluation, used by training and by `abot eval` alike.
+trains in it (a plugin's loss too, `train.loss`). Whether it needs a frozen reference model is the loss's own
+property (`needs_reference`: DPO and IPO do, ORPO and SimPO do not). `stage_data` builds the batch stream, the
+fixed evaluation batches and `prepare` (numpy batch -> what the train step takes) for every stage; `evaluate`
+is the one evaluation, used by training and by `abot eval` alike.
 """
 
 from __future__ import annotations
@@ -42,16 +43,15 @@ class Stage:
     default_loss: str  # the registered loss when train.loss is null
     sequences_per_example: int  # for tokens/step: a preference pair is two sequences
     perplexity: bool  # the loss is a token cross-entropy, so evaluation also reports exp(loss)
-    reference: bool  # the loss compares with the frozen train.init_from model
     eval_at_start: bool  # evaluate the starting point too (fine-tuning), for comparison
     source_hint: str  # the data sources that fit, for error messages
 
 
-PRETRAIN = Stage("pretrain", "train", "text", "next_token", 1, perplexity=True, reference=False,
-                 eval_at_start=False, source_hint="huggingface or stdlib_docs")
-SFT = Stage("sft", "sft", "conversations", "sft", 1, perplexity=True, reference=False, eval_at_start=True,
+PRETRAIN = Stage("pretrain", "train", "text", "next_token", 1, perplexity=True, eval_at_start=False,
+                 source_hint="huggingface or stdlib_docs")
+SFT = Stage("sft", "sft", "conversations", "sft", 1, perplexity=True, eval_at_start=True,
             source_hint="chat (one conversation per row, e.g. HuggingFaceH4/ultrachat_200k) or oasst1")
-DPO = Stage("dpo", "dpo", "preferences", "dpo", 2, perplexity=False, reference=True, eval_at_start=True,
+DPO = Stage("dpo", "dpo", "preferences", "dpo", 2, perplexity=False, eval_at_start=True,
             source_hint="preferences (chosen/rejected pairs, e.g. HuggingFaceH4/ultrafeedback_binarized)")
 STAGES = {s.name: s for s in (PRETRAIN, SFT, DPO)}
 
@@ -74,6 +74,24 @@ def loss_batch_kind(name: str, fn: Callable) -> str | None:
     return getattr(fn, "batch_kind", "text" if name == "next_token" else None)
 
 
+def loss_needs_reference(name: str, fn: Callable) -> bool:
+    """Whether a preference loss reads the frozen reference's log-probs (`ref_chosen`, `ref_rejected`).
+
+    Its `needs_reference` attribute; a preference loss without one is taken to need them (the contract before
+    the attribute existed), a loss of another kind never does.
+    """
+    kind = loss_batch_kind(name, fn)
+    return kind == "preferences" and bool(getattr(fn, "needs_reference", True))
+
+
+def needs_reference(stage: str | Stage, cfg: Config) -> bool:
+    """Whether the stage's loss (train.loss, else the stage's default) compares with the frozen train.init_from
+    model, so that every batch needs its log-probs: DPO and IPO do, ORPO and SimPO (reference-free) do not."""
+    stage = get_stage(stage)
+    name = cfg.train.loss or stage.default_loss
+    return stage.batch_kind == "preferences" and loss_needs_reference(name, registry.losses.get(name, "train.loss"))
+
+
 def check_stage(stage: str | Stage, cfg: Config) -> Stage:
     """Cheap checks before any slow work: the stage, data.overlong, the source's kind, init_from."""
     stage = get_stage(stage)
@@ -87,9 +105,13 @@ def check_stage(stage: str | Stage, cfg: Config) -> Stage:
         return stage
     if cfg.data.overlong not in OVERLONG:
         raise AbotError(f"data.overlong: '{cfg.data.overlong}' is not one of {', '.join(OVERLONG)}")
-    if stage.reference and not cfg.train.init_from:
+    if needs_reference(stage, cfg) and not cfg.train.init_from:
+        name = cfg.train.loss or stage.default_loss
+        free = [e.name for e in registry.losses.entries()
+                if loss_batch_kind(e.name, e.obj) == stage.batch_kind and not loss_needs_reference(e.name, e.obj)]
         raise AbotError(f"abot {stage.command} needs train.init_from: the checkpoint to start from, which is also the "
-                        "frozen reference model (usually the SFT run's save_dir or one of its step_*.ckpt files)")
+                        f"frozen reference model of train.loss '{name}' (usually the SFT run's save_dir or one of "
+                        f"its step_*.ckpt files); the reference-free losses ({', '.join(free)}) need none")
     if not Path(cfg.train.tokenizer_path).exists():
         raise AbotError(f"train.tokenizer_path: {cfg.train.tokenizer_path} not found; fine-tuning needs the "
                         "tokenizer the starting checkpoint was trained with (its config's train.tokenizer_path)")
@@ -114,10 +136,24 @@ def stage_loss(cfg: Config, stage: str | Stage) -> Callable:
     if unknown:
         raise AbotError(f"train.loss_args: loss '{name}' has no option '{unknown[0]}'; "
                         f"it accepts: {', '.join(accepted) or 'nothing'}")
-    beta = t.loss_args.get("beta")
-    if beta is not None and not (isinstance(beta, (int, float)) and beta > 0):
-        raise AbotError(f"train.loss_args.beta must be a positive number, got {beta!r}")
+    check_loss_args(t.loss_args)
     return functools.partial(fn, **t.loss_args)
+
+
+# The built-in losses' numeric options and what each must be: beta scales log-prob differences (dpo, ipo,
+# simpo) or weighs ORPO's odds-ratio term; gamma is SimPO's target margin.
+LOSS_ARG_RULES = {"beta": (lambda v: v > 0, "a positive number"), "gamma": (lambda v: v >= 0, "a number >= 0")}
+
+
+def check_loss_args(loss_args: dict) -> None:
+    """AbotError naming the option whose value is out of range (`LOSS_ARG_RULES`); other options pass as given."""
+    for key, value in loss_args.items():
+        if key not in LOSS_ARG_RULES:
+            continue
+        valid, what = LOSS_ARG_RULES[key]
+        is_number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not (is_number and valid(value)):
+            raise AbotError(f"train.loss_args.{key} must be {what}, got {value!r}")
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -143,7 +179,7 @@ def eval_batches(stage: Stage, cfg: Config, tokenizer, split: str = "eval", n: i
 @dataclass
 class StageData:
     stream: Any  # endless train batches (numpy), resumable: .state()
-    eval_batches: list  # micro-batches, mx arrays (DPO: with the reference log-probs)
+    eval_batches: list  # micro-batches, mx arrays (with the reference log-probs where the loss needs them)
     prepare: Callable[[Any], Any]  # numpy batch from the stream -> what the train step takes
     report: Callable[[], dict] | None  # what the data pipeline kept and dropped (conversations, pairs)
     eval_report: dict | None
@@ -153,7 +189,9 @@ def stage_data(stage: str | Stage, cfg: Config, tokenizer, model, reference: Any
                data_state: dict | None = None, say: Callable[[str], None] = print, lanes: int = 1) -> StageData:
     """The train stream (from `data_state`), the evaluation batches and `prepare` of a stage.
 
-    `reference`: the frozen model's parameters, for a stage whose loss needs them; `lanes` as the train step's.
+    `reference`: the frozen model's parameters, used only where the loss needs them (`needs_reference`); a
+    reference-free loss gets no reference log-probs, which saves a forward pass per batch. `lanes` as the
+    train step's.
     """
     stage, t, d = get_stage(stage), cfg.train, cfg.data
     if stage.batch_kind == "text":
@@ -170,7 +208,7 @@ def stage_data(stage: str | Stage, cfg: Config, tokenizer, model, reference: Any
     if not t.init_from:
         say(f"Note: no train.init_from, so {stage.name} starts from a random initialization.")
 
-    if stage.reference:
+    if needs_reference(stage, cfg):
         if reference is None:
             raise AbotError(f"abot {stage.command} needs a reference model: set train.init_from")
         ref_params = tree_map(lambda p: p.astype(DTYPES[t.precision]), reference)  # compute precision, frozen
@@ -195,10 +233,12 @@ def random_batch(stage: Stage, cfg: Config, key: mx.array) -> Any:
         return mx.random.randint(0, vocab, (*lead, seq + 1), key=keys[0])
     if stage.batch_kind == "conversations":
         return {"tokens": mx.random.randint(0, vocab, (*lead, seq + 1), key=keys[0]), "mask": mx.ones((*lead, seq))}
-    return {"chosen": mx.random.randint(0, vocab, (*lead, seq + 1), key=keys[0]),
-            "rejected": mx.random.randint(0, vocab, (*lead, seq + 1), key=keys[1]),
-            "chosen_mask": mx.ones((*lead, seq)), "rejected_mask": mx.ones((*lead, seq)),
-            "ref_chosen": mx.zeros(lead), "ref_rejected": mx.zeros(lead)}
+    pairs = {"chosen": mx.random.randint(0, vocab, (*lead, seq + 1), key=keys[0]),
+             "rejected": mx.random.randint(0, vocab, (*lead, seq + 1), key=keys[1]),
+             "chosen_mask": mx.ones((*lead, seq)), "rejected_mask": mx.ones((*lead, seq))}
+    if needs_reference(stage, cfg):
+        pairs.update(ref_chosen=mx.zeros(lead), ref_rejected=mx.zeros(lead))
+    return pairs
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -219,9 +259,11 @@ def evaluate(stage: Stage, eval_step: Callable, params: dict, batches: list) -> 
 
 
 def predicted_tokens(batch: Any) -> int:
-    """Tokens a batch's loss is computed on: every next token of a text batch, the masked ones otherwise."""
+    """Tokens a batch's loss is computed on: every next token of a text batch, the masked ones otherwise (both
+    responses of a preference pair)."""
     if isinstance(batch, dict):
-        return int(batch["mask"].sum().item())
+        masks = [batch[k] for k in ("mask", "chosen_mask", "rejected_mask") if k in batch]
+        return int(sum(m.sum().item() for m in masks))
     return batch.shape[0] * (batch.shape[1] - 1)
 
 

@@ -279,6 +279,12 @@ def test_stage_checks_fail_early_with_the_fix(tmp_path):
     check_stage("pretrain", cfg(data={"source": "stdlib_docs"}))
     with pytest.raises(AbotError, match="abot dpo needs train.init_from"):
         check_stage("dpo", cfg(data={"source": "preferences"}, train={"tokenizer_path": str(tok)}))
+    with pytest.raises(AbotError, match=r"reference model of train.loss 'ipo'.*losses \(orpo, simpo\) need none"):
+        check_stage("dpo", cfg(data={"source": "preferences"}, train={"tokenizer_path": str(tok), "loss": "ipo"}))
+    for free in ("orpo", "simpo"):  # reference-free: no init_from needed, and allowed as the starting weights
+        check_stage("dpo", cfg(data={"source": "preferences"}, train={"tokenizer_path": str(tok), "loss": free}))
+        check_stage("dpo", cfg(data={"source": "preferences"},
+                               train={"tokenizer_path": str(tok), "loss": free, "init_from": "x"}))
     with pytest.raises(AbotError, match="data.overlong: 'cut'"):
         check_stage("sft", cfg(data={"overlong": "cut"}, train={"tokenizer_path": str(tok)}))
     with pytest.raises(AbotError, match="tokenizer_path.*not found"):
@@ -300,6 +306,25 @@ def test_stage_loss_lookup_and_options():
         stage_loss(cfg(train={"loss_args": {"beta": 0}}), "dpo")
     with pytest.raises(AbotError, match="unknown loss 'dpoo' \\(train.loss\\); did you mean 'dpo'"):
         stage_loss(cfg(train={"loss": "dpoo"}), "dpo")
+
+
+
+def test_reference_free_losses_options_and_errors():
+    simpo = stage_loss(cfg(train={"loss": "simpo", "loss_args": {"beta": 2.5, "gamma": 1.25}}), "dpo")
+    assert simpo.func is registry.losses.get("simpo") and simpo.keywords == {"beta": 2.5, "gamma": 1.25}
+    assert stage_loss(cfg(train={"loss": "orpo"}), "dpo") is registry.losses.get("orpo")
+    with pytest.raises(AbotError, match="loss 'orpo' has no option 'gamma'; it accepts: beta"):
+        stage_loss(cfg(train={"loss": "orpo", "loss_args": {"gamma": 1.0}}), "dpo")
+    with pytest.raises(AbotError, match="loss 'simpo' has no option 'lam'; it accepts: beta, gamma"):
+        stage_loss(cfg(train={"loss": "simpo", "loss_args": {"lam": 1.0}}), "dpo")
+    with pytest.raises(AbotError, match=r"train.loss_args.gamma must be a number >= 0, got -0.5"):
+        stage_loss(cfg(train={"loss": "simpo", "loss_args": {"gamma": -0.5}}), "dpo")
+    with pytest.raises(AbotError, match=r"train.loss_args.beta must be a positive number, got 'big'"):
+        stage_loss(cfg(train={"loss": "orpo", "loss_args": {"beta": "big"}}), "dpo")
+    with pytest.raises(AbotError, match=r"train.loss_args.beta must be a positive number, got True"):
+        stage_loss(cfg(train={"loss": "simpo", "loss_args": {"beta": True}}), "dpo")
+    with pytest.raises(AbotError, match="'simpo' trains on preferences, but `abot sft`"):
+        stage_loss(cfg(train={"loss": "simpo"}), "sft")
 
 
 class FakeTokenizer(NamedTuple):

@@ -78,3 +78,13 @@ def test_pretrain_then_sft_then_dpo(tmp_path):
                             capture_output=True, text=True, cwd=tmp_path, timeout=600)
     message = " ".join((failed.stdout + failed.stderr).split())
     assert failed.returncode != 0 and "reference model" in message and "data.source=stdlib_docs" in message
+
+    # SimPO from the same SFT model: reference-free, so no ref_* log-probs; it learns the same preference.
+    out = abot("dpo", str(ROOT / "configs" / "dpo.yaml"), *common, f"train.init_from={tmp_path}/sft",
+               f"train.save_dir={tmp_path}/simpo", f"data.dataset={ROOT}/configs/data/ultrafeedback_mini",
+               "train.loss=simpo", "data.seq_len=40", "train.total_steps=60", "train.lr=2e-3", "train.min_lr=2e-4",
+               "train.eval_interval=30", "train.eval_steps=8", "train.ckpt_interval=60", cwd=tmp_path)
+    evals = logged(tmp_path / "simpo", "eval")
+    assert evals[-1]["accuracy"] > 0.9 and evals[-1]["reward_margin"] > evals[0]["reward_margin"]
+    scored = json.loads(abot("eval", str(tmp_path / "simpo"), "--json", cwd=tmp_path))
+    assert scored["accuracy"] == pytest.approx(evals[-1]["accuracy"]) and "ppl" not in scored

@@ -1,4 +1,4 @@
-"""SFT, DPO and IPO losses against hand (numpy) computations; the reference model; padding isolation."""
+"""SFT, DPO, IPO, ORPO and SimPO losses against hand (numpy) computations; the reference model; padding isolation."""
 
 import abot  # noqa: F401  (first: it sets up BLAS before anything imports mlx.core)
 
@@ -8,12 +8,13 @@ from typing import NamedTuple
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx.utils import tree_map
+from mlx.utils import tree_flatten, tree_map
 
 from abot.config import ModelConfig
-from abot.finetune.losses import dpo, ipo, sequence_logprobs, sft
+from abot.finetune.losses import dpo, ipo, log_odds, orpo, sequence_logprobs, sft, simpo
 from abot.finetune.reference import add_reference_logprobs, make_reference_fn
 from abot.models.transformer import transformer
+from abot.optim.adamw import adamw
 from abot.optim.base import Optimizer
 from abot.step import init_state, make_train_step
 
@@ -211,3 +212,106 @@ def test_reference_in_lanes_is_the_policy_bit_for_bit_at_equal_parameters():
         if one_thread:
             set_blas_threads(usable_cores())
     assert metrics["reward_margin"].item() == 0.0 and metrics["accuracy"].item() == 0.0
+
+
+# --- ORPO and SimPO: reference-free ------------------------------------------------------------------------
+
+def np_mean_logprobs(table, batch):
+    """(1/|y|) log pi(y|x) of chosen and rejected responses, |y| the response's token count."""
+    pc = np_seq_logprobs(table, batch["chosen"], batch["chosen_mask"]) / batch["chosen_mask"].sum(-1)
+    pr = np_seq_logprobs(table, batch["rejected"], batch["rejected_mask"]) / batch["rejected_mask"].sum(-1)
+    return pc, pr
+
+
+def neg_log_sigmoid(x):
+    return -math.log(1.0 / (1.0 + math.exp(-x)))
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5])
+def test_orpo_loss_matches_the_papers_formula(beta):
+    # Hong et al. 2024: L = L_SFT(y_w) + lambda * -log sigmoid(log odds(y_w) - log odds(y_l)), odds = P / (1 - P),
+    # P = exp(mean per-token log-prob); the batch has no reference log-probs.
+    batch = pair_batch()
+    loss, m = orpo(BIGRAM, mx_tree(POLICY), mx_tree(batch), None, beta=beta)
+    pc, pr = np_mean_logprobs(POLICY["table"], batch)
+    odds = [(math.exp(c) / (1 - math.exp(c)), math.exp(r) / (1 - math.exp(r))) for c, r in zip(pc, pr)]
+    ratios = [math.log(ow / ol) for ow, ol in odds]
+    expected = np.mean(-pc) + beta * np.mean([neg_log_sigmoid(x) for x in ratios])
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert m["nll"].item() == pytest.approx(np.mean(-pc), rel=1e-5)
+    assert m["log_odds_ratio"].item() == pytest.approx(np.mean(ratios), rel=1e-4, abs=1e-5)
+    assert m["reward_chosen"].item() == pytest.approx(beta * pc.mean(), rel=1e-5)
+    assert m["reward_margin"].item() == pytest.approx(beta * (pc - pr).mean(), rel=1e-4, abs=1e-6)
+    assert m["accuracy"].item() == pytest.approx((pc > pr).mean())
+
+
+@pytest.mark.parametrize("beta, gamma", [(2.0, 1.0), (2.5, 0.0)])
+def test_simpo_loss_matches_the_papers_formula(beta, gamma):
+    # Meng et al. 2024: L = -log sigmoid(beta/|y_w| log pi(y_w) - beta/|y_l| log pi(y_l) - gamma).
+    batch = pair_batch()
+    loss, m = simpo(BIGRAM, mx_tree(POLICY), mx_tree(batch), None, beta=beta, gamma=gamma)
+    pc, pr = np_mean_logprobs(POLICY["table"], batch)
+    expected = np.mean([neg_log_sigmoid(beta * c - beta * r - gamma) for c, r in zip(pc, pr)])
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert m["reward_chosen"].item() == pytest.approx(beta * pc.mean(), rel=1e-5)
+    assert m["reward_rejected"].item() == pytest.approx(beta * pr.mean(), rel=1e-5)
+    assert m["reward_margin"].item() == pytest.approx(beta * (pc - pr).mean(), rel=1e-4, abs=1e-6)
+    assert m["accuracy"].item() == pytest.approx((pc > pr).mean())
+
+
+def test_simpo_defaults_are_the_papers():
+    import inspect
+
+    defaults = {k: p.default for k, p in inspect.signature(simpo).parameters.items() if k in ("beta", "gamma")}
+    assert defaults == {"beta": 2.0, "gamma": 1.0}
+    assert inspect.signature(orpo).parameters["beta"].default == 0.1
+    assert (orpo.needs_reference, simpo.needs_reference, dpo.needs_reference, ipo.needs_reference) == (
+        False, False, True, True)
+
+
+def test_log_odds_is_finite_near_certainty_and_exact_elsewhere():
+    m = np.array([-50.0, -3.0, -0.7, -0.5, -1e-3, -1e-5], np.float32)
+    expected = [x - math.log(-math.expm1(x)) for x in m.astype(np.float64)]
+    np.testing.assert_allclose(np.array(log_odds(mx.array(m))), expected, rtol=1e-5)
+    at_one = mx.array([0.0, -1e-9])  # P = 1 (a mean log-prob that rounds to 0): capped, not infinite
+    value, grad = mx.value_and_grad(lambda x: log_odds(x).sum())(at_one)
+    assert np.isfinite(np.array(value)).all() and np.isfinite(np.array(grad)).all()
+
+
+def leaves(tree):
+    return [v for _, v in tree_flatten(tree)]
+
+
+def char_pairs(n: int, seq_len: int, seed: int):
+    """`n` synthetic preference pairs (abot.finetune.synthetic) encoded with a one-id-per-character tokenizer."""
+    from abot.finetune.batches import encode_pair
+    from abot.finetune.synthetic import preference_rows
+
+    class Chars:
+        def encode(self, text):
+            return [100 + ord(c) % 100 for c in text]
+
+    encoded = [encode_pair(row, Chars(), seq_len)[0] for row in preference_rows(n, seed=seed)]
+    return {k: np.stack([e[k] for e in encoded]) for k in encoded[0]}
+
+
+@pytest.mark.parametrize("loss_fn", [orpo, simpo], ids=["orpo", "simpo"])
+def test_reference_free_losses_make_chosen_more_likely_than_rejected(loss_fn):
+    """A few steps on the synthetic pairs (chosen: the list's last word; rejected: it spelled backwards)."""
+    model = transformer(ModelConfig(vocab_size=200, n_layers=1, d_model=32, n_heads=2, dropout=0.0, max_seq_len=64))
+    params = model.init(mx.random.key(4))
+    optimizer = adamw(weight_decay=0.0)
+    pairs = char_pairs(16, 60, seed=3)
+    step_batch = tree_map(lambda x: mx.array(x.reshape(2, 8, *x.shape[1:])), pairs)  # grad_accum 2 x 8 pairs
+    trained, held_out = mx_tree(pairs), mx_tree(char_pairs(32, 60, seed=4))
+    step = make_train_step(model, loss_fn, optimizer, grad_accum_steps=2, max_grad_norm=1.0)
+    state = init_state(params, optimizer, mx.random.key(5))
+    _, before = loss_fn(model, params, trained, None)
+    for _ in range(20):
+        state, m = step(state, step_batch, mx.array(1e-2))
+    assert m["finite"].item() == 1.0
+    moved = any(not mx.array_equal(a, b).item() for a, b in zip(leaves(params), leaves(state["params"])))
+    _, after = loss_fn(model, state["params"], trained, None)
+    _, unseen = loss_fn(model, state["params"], held_out, None)
+    assert moved and after["reward_margin"].item() > max(before["reward_margin"].item(), 0.0)
+    assert after["accuracy"].item() >= 0.9 and unseen["accuracy"].item() > 0.5

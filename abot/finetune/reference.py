@@ -1,4 +1,4 @@
-"""The frozen reference model of preference losses (DPO, IPO): its summed log-probs of each sequence.
+"""The frozen reference model of preference losses that need one (DPO, IPO): its summed log-probs of each sequence.
 
 The reference parameters are an explicit argument of a compiled function run outside the gradient (eval
 mode: no dropout); the train step receives its output as part of the batch ("ref_chosen", "ref_rejected").

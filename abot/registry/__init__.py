@@ -134,6 +134,8 @@ losses = Registry("losses", {
     "sft": "abot.finetune.losses:sft",
     "dpo": "abot.finetune.losses:dpo",
     "ipo": "abot.finetune.losses:ipo",
+    "orpo": "abot.finetune.losses:orpo",
+    "simpo": "abot.finetune.losses:simpo",
 })
 
 KINDS: dict[str, Registry] = {r.kind: r for r in (models, optimizers, schedules, datasets, losses)}
