@@ -72,13 +72,16 @@ def build_step(cfg: Config, stage: Stage, lanes: int = 1, group=None) -> StepPar
     return StepParts(model, optimizer, schedule, loss, step, adapter, combine)
 
 
-def trainable(cfg: Config, parts: StepParts, base: dict, key: mx.array) -> tuple[dict, dict | None]:
+def trainable(cfg: Config, parts: StepParts, base: dict, key: mx.array,
+              evaluate: bool = True) -> tuple[dict, dict | None]:
     """(what trains, the frozen base): the whole model and None, or with adapters fresh adapters and the base
-    frozen in compute precision (quantized for QLoRA), evaluated here so the float copy it came from is freed."""
+    frozen in compute precision (quantized for QLoRA), evaluated here (`evaluate`) so that the float copy it
+    came from can be freed."""
     if parts.adapter is None:
         return base, None
     frozen = freeze(base, cfg.adapter, DTYPES[cfg.train.precision])
-    mx.eval(frozen)
+    if evaluate:
+        mx.eval(frozen)
     return init_adapters(frozen, parts.adapter, cfg.adapter, key), frozen
 
 

@@ -98,9 +98,8 @@ def make_train_step(model, loss_fn: Callable, optimizer: Optimizer, *, grad_accu
     With `lanes` > 1 each micro-batch is split along its batch axis into that many equal parts, each
     differentiated on its own MLX stream, and their gradients combined as one batch's (see
     `abot.platform.lanes.parallel_lanes`: MLX runs a stream's elementwise kernels on one core).
-    With `combine(frozen, params, key) -> model params` (adapters: abot.adapters.tree.attach) the step is
-    `step(state, batch, lr, frozen)`: state["params"] is what trains, `frozen` (the base) gets no gradient,
-    no optimizer state and is never returned.
+    With `combine(frozen, params, key) -> model params` (adapters: abot.adapters.tree.attach) it is `step(state,
+    batch, lr, frozen)`: `frozen` (the base) gets no gradient, no optimizer state and is never returned.
     """
     compute_dtype = DTYPES[precision]
     dynamic_scaling = precision == "float16"
