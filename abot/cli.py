@@ -83,7 +83,8 @@ def verify(config: str = typer.Argument(..., help="YAML config to check"),
 
 
 @app.command("list")
-def list_entries(kind: Optional[str] = typer.Argument(None, help="optimizers, schedules, models, datasets, losses, adapters")):
+def list_entries(kind: Optional[str] = typer.Argument(None, help="optimizers, schedules, models, datasets, losses, "
+                                                                "adapters")):
     """List what the registry knows: built-ins and installed plugins."""
     from abot import registry
 

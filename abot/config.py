@@ -136,8 +136,10 @@ class Config:
     given: frozenset = field(default=frozenset(), compare=False, repr=False)
 
     def to_dict(self) -> dict:
-        """The settings, section by section (what a checkpoint stores); `given` is not one of them."""
-        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+        """The settings, section by section (what a checkpoint stores); `given` is not one of them. The adapter
+        section only when it chooses an adapter: a full fine-tuning run's config reads as it always has."""
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS
+                if name != "adapter" or self.adapter.kind is not None}
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "adapter": AdapterConfig}

@@ -127,7 +127,8 @@ def model_shapes(cfg: Config) -> Shapes:
         parts = build_step(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compile=False)),
                            stage_for_source(cfg))
         trained, frozen = trainable(cfg, parts, params, mx.random.key(1), evaluate=False)
-        optimizer, frozen_bytes = parts.optimizer, sum(v.nbytes for _, v in tree_flatten(frozen) if hasattr(v, "nbytes"))
+        frozen_bytes = sum(v.nbytes for _, v in tree_flatten(frozen) if isinstance(v, mx.array))
+        optimizer = parts.optimizer
     opt_state = optimizer.init(_as_float32(trained))  # init_state hands it float32 masters
     return Shapes(n_params=n, param_bytes=4 * sum(v.size for _, v in tree_flatten(trained)),
                   opt_bytes=sum(v.nbytes for _, v in tree_flatten(opt_state)), groups=groups, frozen_bytes=frozen_bytes)

@@ -243,10 +243,11 @@ def check_resumable(opened: Opened, cfg: Config, tokenizer: Tokenizer, fresh_sta
         raise AbotError(f"{opened.path}: cannot resume, the config changes the optimizer (train.optimizer: {old_opt} "
                         f"-> {new['train']['optimizer']}) and its state does not carry over; restore "
                         "train.optimizer, or start a new run in another save_dir")
-    old_adapter = {**new["adapter"], "kind": None, **old.get("adapter", {})}
-    if old_adapter != new["adapter"]:
-        diffs = ", ".join(f"adapter.{k}: {v!r} -> {new['adapter'][k]!r}" for k, v in old_adapter.items()
-                          if new["adapter"].get(k) != v)
+    new_adapter = dataclasses.asdict(cfg.adapter)
+    old_adapter = {**new_adapter, "kind": None, **old.get("adapter", {})}
+    if old_adapter != new_adapter:
+        diffs = ", ".join(f"adapter.{k}: {v!r} -> {new_adapter[k]!r}" for k, v in old_adapter.items()
+                          if new_adapter.get(k) != v)
         raise AbotError(f"{opened.path}: cannot resume, the config changes the adapters ({diffs}); {restore}")
     if base is not None:
         check_base_fits(opened.meta, base, f"{opened.path}: cannot resume",

@@ -133,8 +133,8 @@ def make_train_step(model, loss_fn: Callable, optimizer: Optimizer, *, grad_accu
                 done = [g for _, g in tree_flatten(grads)]
                 micro = tree_map(lambda b: mx.depends(b, done), micro)
             # ((loss, aux), grads) of the micro-batch, from its parallel lanes when there are several
-            (l, aux), g = on_streams(lambda part, part_key: grad_fn(params, part, part_key, scale, frozen), streams, micro,
-                                     micro_keys[i])
+            (l, aux), g = on_streams(lambda part, part_key: grad_fn(params, part, part_key, scale, frozen), streams,
+                                     micro, micro_keys[i])
             grads = g if grads is None else tree_map(mx.add, grads, g)
             loss = loss + l
             aux_sum = {k: aux_sum.get(k, 0.0) + v for k, v in aux.items()}

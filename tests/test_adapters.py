@@ -12,12 +12,12 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_flatten
 
 from abot import registry
 from abot.adapters.dora import dora
 from abot.adapters.lora import lora
-from abot.adapters.tree import attach, freeze, init_adapters, merge
+from abot.adapters.tree import attach, merge
 from abot.config import ConfigError, config_from_dict
 from abot.errors import AbotError
 from abot.memory import estimate_memory, measure_step_peak
@@ -52,9 +52,8 @@ def built(**adapter):
 def with_random_b(adapters):
     """The adapters with B drawn at random (B = 0 at init would hide any mistake in the update)."""
     keys = iter(mx.random.split(mx.random.key(7), 64))
-    return tree_map(lambda x: x, {"blocks": [{n: {**a, "lora_b": 0.1 * mx.random.normal(a["lora_b"].shape,
-                                                                                     key=next(keys))}
-                                              for n, a in b.items()} for b in adapters["blocks"]]})
+    return {"blocks": [{n: {**a, "lora_b": 0.1 * mx.random.normal(a["lora_b"].shape, key=next(keys))}
+                        for n, a in b.items()} for b in adapters["blocks"]]}
 
 
 def test_lora_with_b_zero_gives_exactly_the_base_logits():
@@ -116,7 +115,7 @@ def test_qlora_forward_equals_the_dequantized_base_forward(bits):
     assert mx.abs(linear(x, q) - x @ dequantize(q)).max().item() < 1e-4
     assert mx.abs(dequantize(q) - w).max().item() < (0.02 if bits == 4 else 0.002)  # quantization's own error
     cfg, parts, base, adapters, frozen, tokens = built(quantize_bits=bits)
-    plain = tree_map(lambda leaf: leaf, merge(frozen, adapters, parts.adapter))  # B = 0: the dequantized base
+    plain = merge(frozen, adapters, parts.adapter)  # B = 0: the dequantized base
     got = parts.model.apply(attach(frozen, adapters, parts.adapter), tokens)
     assert mx.abs(got - parts.model.apply(plain, tokens)).max().item() < 1e-4
 
