@@ -35,6 +35,15 @@ def build_optimizer(cfg: Config, model=None):
                              "train.optimizer_args", **given)
 
 
+def build_adapter(cfg: Config):
+    """The adapter kind of the adapter section (abot.adapters.kind.AdapterKind), None for full fine-tuning."""
+    a = cfg.adapter
+    if a.kind is None:
+        return None
+    return call_with_options(registry.adapters.get(a.kind, "adapter.kind"), {}, "adapter",
+                             rank=a.rank, alpha=a.alpha, dropout=a.dropout)
+
+
 def build_schedule(cfg: Config) -> Callable[[int], float]:
     t = cfg.train
     return call_with_options(registry.schedules.get(t.schedule, "train.schedule"), t.schedule_args,

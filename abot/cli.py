@@ -84,7 +84,8 @@ def verify(config: str = typer.Argument(..., help="YAML config to check"),
 
 
 @app.command("list")
-def list_entries(kind: Optional[str] = typer.Argument(None, help="optimizers, schedules, models, datasets, losses")):
+def list_entries(kind: Optional[str] = typer.Argument(None, help="optimizers, schedules, models, datasets, losses, "
+                                                                "adapters")):
     """List what the registry knows: built-ins and installed plugins."""
     from abot import registry
 
@@ -213,11 +214,14 @@ def eval_command(checkpoint: str = CKPT,
 @app.command()
 def export(checkpoint: str = CKPT, out: str = typer.Option(..., "--out", help="folder to write"),
            tokenizer: Optional[str] = TOKENIZER,
-           force: bool = typer.Option(False, "--force", help="write into a non-empty folder")):
-    """Export as a Hugging Face Llama folder (config.json, model.safetensors, tokenizer files)."""
+           force: bool = typer.Option(False, "--force", help="write into a non-empty folder"),
+           merge: bool = typer.Option(False, "--merge", help="an adapter checkpoint: write the base with the "
+                                      "adapters merged in (default: the adapters in PEFT's format)")):
+    """Export as a Hugging Face Llama folder (config.json, model.safetensors, tokenizer files), or an adapter
+    checkpoint's LoRA adapters in PEFT's format (adapter_config.json, adapter_model.safetensors)."""
     from abot.export import export_checkpoint
 
-    export_checkpoint(checkpoint, out, tokenizer, say=console.print, force=force)
+    export_checkpoint(checkpoint, out, tokenizer, say=console.print, force=force, merge=merge)
 
 
 def main():

@@ -1,5 +1,7 @@
 """Typed configuration: the guide's `model`, `data` and `train` sections, loaded from YAML and checked.
 
+An optional fourth section, `adapter`, trains low-rank adapters on a frozen base instead of every weight.
+
 Every key of the configuration guide is here with its meaning; keys abot adds (registry choices,
 seed, ...) have defaults that keep the guide's YAMLs valid unchanged. See README "Configuration".
 """
@@ -108,21 +110,42 @@ class TrainConfig:
     loss_args: dict = field(default_factory=dict)  # options for the loss, e.g. {beta: 0.1} for dpo/ipo
 
 
+# adapter.targets: the names of the projections an adapter can wrap -> the transformer's block leaves.
+ADAPTER_TARGETS = {"q": "wq", "k": "wk", "v": "wv", "o": "wo", "gate": "w_gate", "up": "w_up", "down": "w_down"}
+QUANTIZE_BITS = (4, 8)
+
+
+@dataclass
+class AdapterConfig:
+    """Adapters on a frozen base (README "Adapters: LoRA, DoRA, QLoRA"); kind null is full fine-tuning."""
+
+    kind: Union[str, None] = None  # registered adapter kind (abot list adapters): "lora", "dora"; null: none
+    rank: int = 8  # r: the inner width of the low-rank update
+    alpha: float = 16.0  # the update is scaled by alpha / rank (Hu et al. 2021)
+    dropout: float = 0.0  # dropout on the adapter's input (LoRA's lora_dropout)
+    targets: list = field(default_factory=lambda: ["q", "k", "v", "o"])  # of q, k, v, o, gate, up, down
+    quantize_bits: Union[int, None] = None  # 4 or 8: the frozen base quantized (QLoRA); null: kept in float
+    group_size: int = 64  # quantization group along each projection's input dimension
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
     # The "section.key" names the user wrote (YAML or overrides), even at their default value: abot.unread
     # warns about those the chosen components ignore. Not a setting: not in to_dict, not compared.
     given: frozenset = field(default=frozenset(), compare=False, repr=False)
 
     def to_dict(self) -> dict:
-        """The settings, section by section (what a checkpoint stores); `given` is not one of them."""
-        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+        """The settings, section by section (what a checkpoint stores); `given` is not one of them. The adapter
+        section only when it chooses an adapter: a full fine-tuning run's config reads as it always has."""
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS
+                if name != "adapter" or self.adapter.kind is not None}
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "adapter": AdapterConfig}
 
 
 def _suggest(name: str, options) -> str:
@@ -237,7 +260,7 @@ def config_from_dict(raw: Any, where: str = "config", overrides: list[str] = (),
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: the top level must be a mapping with sections model, data, train")
+        raise ConfigError(f"{where}: the top level must be a mapping with sections model, data, train (and adapter)")
     raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
     given = set() if stored else {f"{name}.{key}" for name, section in raw.items()
                                   if name in SECTIONS and isinstance(section, dict) for key in section}
@@ -257,7 +280,7 @@ def config_from_dict(raw: Any, where: str = "config", overrides: list[str] = (),
     cfg = Config(**{name: _build_section(cls, raw.get(name), name, problems) for name, cls in SECTIONS.items()},
                  given=frozenset(given))
     # A key that failed its type check holds its default: cross-field rules naming it would mislead.
-    failed = {m.group(1) for p in problems for m in [re.match(r"((?:model|data|train)(?:\.\w+)?):", p)] if m}
+    failed = {m.group(1) for p in problems for m in [re.match(r"((?:model|data|train|adapter)(?:\.\w+)?):", p)] if m}
     problems += [p for p in validation_problems(cfg)
                  if not any(re.search(rf"\b{re.escape(f)}\b", p) for f in failed)]
     if problems:
@@ -331,6 +354,33 @@ def validation_problems(cfg: Config) -> list[str]:
             errors.append(f"{k} must be >= 0, got {v}")
     if t.min_lr > t.lr:
         errors.append(f"train.min_lr ({t.min_lr}) must be <= train.lr ({t.lr})")
+    return errors + adapter_problems(cfg.adapter, t)
+
+
+def adapter_problems(a: AdapterConfig, t: TrainConfig) -> list[str]:
+    """The adapter section's rules (only when an adapter is chosen): a base to adapt, a positive rank, known
+    targets, 4- or 8-bit quantization. The kind's name is checked against the registry where it is built."""
+    if a.kind is None:
+        return []
+    errors = []
+    if not t.init_from:
+        errors.append(f"adapter.kind '{a.kind}' needs train.init_from: the base model the adapters are trained on "
+                      "(an abot checkpoint or run folder, or a Hugging Face model folder)")
+    if a.rank <= 0:
+        errors.append(f"adapter.rank must be positive, got {a.rank}")
+    if a.alpha <= 0:
+        errors.append(f"adapter.alpha must be positive, got {a.alpha}")
+    if not 0.0 <= a.dropout < 1.0:
+        errors.append(f"adapter.dropout must be in [0, 1), got {a.dropout}")
+    if not a.targets:
+        errors.append(f"adapter.targets is empty; give some of {', '.join(ADAPTER_TARGETS)}")
+    for target in a.targets:
+        if target not in ADAPTER_TARGETS:
+            errors.append(f"adapter.targets: unknown target {target!r}{_suggest(str(target), ADAPTER_TARGETS)}")
+    if a.quantize_bits is not None and a.quantize_bits not in QUANTIZE_BITS:
+        errors.append(f"adapter.quantize_bits must be 4 or 8 (or null for a float base), got {a.quantize_bits}")
+    if a.group_size not in (32, 64, 128):
+        errors.append(f"adapter.group_size must be 32, 64 or 128 (mx.quantize's group sizes), got {a.group_size}")
     return errors
 
 

@@ -46,6 +46,7 @@ from abot.config import Config
 from abot.errors import AbotError
 from abot.checkpoint import dtype_name
 from abot.export_hf_tokenizer import special_ids, write_hf_tokenizer
+from abot.export_peft import export_peft
 from abot.models import hf
 from abot.models.transformer import head_dim, hidden_size, kv_heads
 from abot.restore import checkpoint_tokenizer, open_checkpoint
@@ -156,17 +157,25 @@ def generation_config() -> dict:
             "do_sample": False, "_from_model_config": False}
 
 
-def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, tokenizer_path: str | Path | None = None,
-                      say: Callable[[str], None] = print, force: bool = False) -> Path:
-    """Write the Hugging Face folder for `ckpt_path` into `out_dir`; returns `out_dir`."""
-    opened, out_dir = open_checkpoint(ckpt_path), Path(out_dir)
-    cfg = opened.config()
-    tensors = hf_tensors(opened.params(), cfg)  # refuses what no architecture has before writing anything
-    tokenizer = checkpoint_tokenizer(cfg, opened, tokenizer_path)
+def check_out_dir(out_dir: Path, force: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise AbotError(f"--out {out_dir}: exists and is not a folder")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
         raise AbotError(f"--out {out_dir}: the folder is not empty; choose a new folder or pass --force")
+
+
+def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, tokenizer_path: str | Path | None = None,
+                      say: Callable[[str], None] = print, force: bool = False, merge: bool = False) -> Path:
+    """Write the Hugging Face folder for `ckpt_path` into `out_dir`; returns `out_dir`. An adapter checkpoint is
+    exported merged into its base with `merge`, else as PEFT adapters (abot.export_peft)."""
+    opened, out_dir = open_checkpoint(ckpt_path), Path(out_dir)
+    if opened.is_adapter and not merge:
+        check_out_dir(out_dir, force)
+        return export_peft(opened, out_dir, say)
+    cfg = opened.config()
+    tensors = hf_tensors(opened.params(), cfg)  # refuses what no architecture has before writing anything
+    tokenizer = checkpoint_tokenizer(cfg, opened, tokenizer_path)
+    check_out_dir(out_dir, force)
     if cfg.model.dropout > 0:
         say(f"Note: model.dropout {cfg.model.dropout} is dropped (inference only; the exported model has none).")
     out_dir.mkdir(parents=True, exist_ok=True)

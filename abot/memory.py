@@ -66,12 +66,21 @@ Update phase (clip + optimizer + the non-finite guard), above `state`:
                                        non-finite guard `where(finite, new, old)` reads the old state after
                                        the new one is computed).
 
+Adapters (an `adapter` section: abot.adapters): P and S are the adapters' own (float32 masters, their
+optimizer state), and so are the gradients (G), the update phase and the accumulation buffers; the frozen
+base adds its bytes to `state`: the base in the compute precision, its block projections at bits/8 bytes per
+weight plus a scale and a bias per group when quantized (QLoRA). The activation phase is counted as full
+fine-tuning's (the adapters' own activations, (x A) per projection, are r/D of a BLD each: left out; the
+frozen weights' gradients, which the adapters skip, are not part of the activation terms). Measured:
+tests/test_adapters.py holds a LoRA step's peak to this estimate.
+
 Measured on this CPU (fp32, muon_adamw, compiled, vocab 32000), estimate vs `mx.get_peak_memory()`:
 README "Verify a config" has the table; tests/test_verify.py re-measures two small shapes (slow).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from dataclasses import dataclass, field
@@ -84,10 +93,11 @@ from abot.config import Config
 class Shapes:
     """Sizes read from the model's and the optimizer's lazily built trees (no memory is allocated)."""
 
-    n_params: int
-    param_bytes: int  # float32 master weights
+    n_params: int  # the model's
+    param_bytes: int  # float32 master weights of what trains: the model's, or with adapters the adapters'
     opt_bytes: int
     groups: dict = field(default_factory=dict)  # role (abot.models.roles: "embedding", "hidden", ...) -> count
+    frozen_bytes: int = 0  # adapters: the frozen base in the compute precision (quantized for QLoRA)
 
 
 def model_shapes(cfg: Config) -> Shapes:
@@ -103,17 +113,28 @@ def model_shapes(cfg: Config) -> Shapes:
 
     from abot.build import build_model, build_optimizer
 
+    from abot.run import build_step, trainable
+    from abot.stage import stage_for_source
+
     model = build_model(cfg)
     params = model.init(mx.random.key(0))
     flat = tree_flatten(params)
-    opt_state = build_optimizer(cfg, model).init(_as_float32(params))  # init_state hands it float32 masters
     groups: dict[str, int] = {}
     for path, leaf in flat:
         role = model.param_role(path, leaf)
         groups[role] = groups.get(role, 0) + leaf.size
-    n = sum(v.size for _, v in flat)
-    return Shapes(n_params=n, param_bytes=4 * n,
-                  opt_bytes=sum(v.nbytes for _, v in tree_flatten(opt_state)), groups=groups)
+    n, frozen_bytes = sum(v.size for _, v in flat), 0
+    if cfg.adapter.kind is None:
+        trained, optimizer = params, build_optimizer(cfg, model)
+    else:  # the adapters train; the frozen base is built (lazily, as everything here) as the run builds it
+        parts = build_step(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compile=False)),
+                           stage_for_source(cfg))
+        trained, frozen = trainable(cfg, parts, params, mx.random.key(1), evaluate=False)
+        frozen_bytes = sum(v.nbytes for _, v in tree_flatten(frozen) if isinstance(v, mx.array))
+        optimizer = parts.optimizer
+    opt_state = optimizer.init(_as_float32(trained))  # init_state hands it float32 masters
+    return Shapes(n_params=n, param_bytes=4 * sum(v.size for _, v in tree_flatten(trained)),
+                  opt_bytes=sum(v.nbytes for _, v in tree_flatten(opt_state)), groups=groups, frozen_bytes=frozen_bytes)
 
 
 def _as_float32(params):
@@ -151,10 +172,11 @@ class MemoryEstimate:
     activations_ckpt: int
     update: int  # update phase above the state
     gradient_checkpointing: bool
+    frozen: int = 0  # adapters: the frozen base
 
     @property
     def state(self) -> int:
-        return self.params + self.optimizer
+        return self.params + self.optimizer + self.frozen
 
     @property
     def peak(self) -> int:
@@ -193,7 +215,10 @@ def estimate_memory(cfg: Config, shapes: Shapes | None = None) -> MemoryEstimate
     per_head = tokens * head_dim(m) * c
     attn_saved = 2 * per_head * (h + kv_heads(m)) + (per_head * (h + kv_heads(m)) if m.qk_norm else 0)
     attention = 4 * b * h * seq * seq * c + seq * seq * c  # the active block's rebuilt probabilities
-    mlp = 4 * blf
+    adapters = shapes.frozen_bytes > 0
+    # Adapters: a frozen projection's backward needs no input of its own (dx = dy W.T), so of the MLP's saved set
+    # only what the gate's gradient and the adapters' (x A) read stays: 2.5 BLF measured (CPU, fp32).
+    mlp = 5 * blf // 2 if adapters else 4 * blf
     drop = 2 * tokens * d if m.dropout > 0 else 0
     # Attention keeps no seq x seq matrix between forward and backward (fused on GPUs, FlashAttention-style
     # backward on the CPU): the block whose backward is running rebuilds its own, on top of its saved set
@@ -205,7 +230,9 @@ def estimate_memory(cfg: Config, shapes: Shapes | None = None) -> MemoryEstimate
     no_ckpt = n * block + active + top + loss
     # Checkpointed: the larger of the backward pass's first moment (loss buffers + the top block recomputed
     # with its cotangents) and its last (every block's deferred MLP cotangents, only the logits gradient left).
-    ckpt = max(n * bld + block + active + top + loss, n * (2 * bld + 2 * blf) + block + active + top + blv)
+    # With adapters no block defers frozen weight gradients to the end of the backward pass: its start is the peak.
+    start = n * bld + block + active + top + loss
+    ckpt = start if adapters else max(start, n * (2 * bld + 2 * blf) + block + active + top + blv)
     compute_copy = shapes.param_bytes * c // 4 if c < 4 else 0
     # grad_accum_steps > 1: the running gradient sum and the current micro-batch's gradients (see docstring).
     accumulation = 2 * shapes.param_bytes if t.grad_accum_steps > 1 else 0
@@ -216,7 +243,7 @@ def estimate_memory(cfg: Config, shapes: Shapes | None = None) -> MemoryEstimate
     return MemoryEstimate(params=shapes.param_bytes, optimizer=shapes.opt_bytes, grads=grads,
                           compute_copy=compute_copy, activations=ckpt if t.gradient_checkpointing else no_ckpt,
                           activations_no_ckpt=no_ckpt, activations_ckpt=ckpt, update=update,
-                          gradient_checkpointing=t.gradient_checkpointing)
+                          gradient_checkpointing=t.gradient_checkpointing, frozen=shapes.frozen_bytes)
 
 
 def measure_step_peak(cfg: Config, stage=None, lanes: int = 1) -> tuple[int, int]:
@@ -229,7 +256,7 @@ def measure_step_peak(cfg: Config, stage=None, lanes: int = 1) -> tuple[int, int
     """
     import mlx.core as mx
 
-    from abot.run import build_step
+    from abot.run import build_step, trainable
     from abot.stage import random_batch, stage_for_source
     from abot.step import init_state
 
@@ -237,7 +264,8 @@ def measure_step_peak(cfg: Config, stage=None, lanes: int = 1) -> tuple[int, int
     stage = stage or stage_for_source(cfg)
     parts = build_step(cfg, stage, lanes)
     init_key, key = mx.random.split(mx.random.key(t.seed))
-    state = init_state(parts.model.init(init_key), parts.optimizer, key, t.precision)
+    params, frozen = trainable(cfg, parts, parts.model.init(init_key), init_key)  # adapters: on a random base
+    state, parts = init_state(params, parts.optimizer, key, t.precision), parts.with_frozen(frozen)
     batch = random_batch(stage, cfg, init_key)
     mx.eval(state, batch)
     mx.clear_cache()

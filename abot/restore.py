@@ -10,6 +10,7 @@ whichever command found it; only the fix differs.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -52,8 +53,20 @@ class Opened:
         where = f"{self.path} (its config)"
         return make(raw, where) if make else config_from_dict(raw, where, stored=True)
 
+    @property
+    def is_adapter(self) -> bool:
+        """Trained adapters on a frozen base (an adapter section and the base's identity in the meta)."""
+        return bool(self.meta.get("base")) and bool(((self.meta.get("config") or {}).get("adapter") or {}).get("kind"))
+
     def params(self) -> dict:
-        """The model parameters: a training state's, or a bare {"params": ...} tree."""
+        """The model parameters: a training state's, or a bare {"params": ...} tree; an adapter checkpoint's are
+        its base's with the adapters merged in (the base read from the path its meta names, hash checked)."""
+        if self.is_adapter:
+            return adapted_params(self)
+        return self.trained()
+
+    def trained(self) -> dict:
+        """The parameters training updated: the model's, or an adapter checkpoint's adapters."""
         trees = self.ckpt.trees
         if isinstance(trees.get("state"), dict) and "params" in trees["state"]:
             return trees["state"]["params"]
@@ -61,6 +74,43 @@ class Opened:
             return trees["params"]
         raise AbotError(f"{self.path}: the checkpoint holds no model parameters (no trees.state.params); "
                         "give a checkpoint written by abot train, sft or dpo")
+
+
+def base_identity(path: str | Path) -> dict:
+    """{"path", "sha256"} of a base model: the SHA-256 of an abot checkpoint file, or of a Hugging Face folder's
+    safetensors files read in name order."""
+    path = Path(path).resolve()
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+    digest = hashlib.sha256()
+    for file in files:
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                digest.update(chunk)
+    return {"path": str(path), "sha256": digest.hexdigest()}
+
+
+def check_base_fits(meta: dict, base: dict, where: Any, fix: str) -> None:
+    """The base model's identity against the one an adapter checkpoint recorded (one message for every command)."""
+    expected = meta.get("base") or {}
+    if expected.get("sha256") and expected["sha256"] != base["sha256"]:
+        raise AbotError(f"{where}: the adapters were trained on a different base model: {base['path']} (sha256 "
+                        f"{base['sha256'][:12]}...) is not their base {expected.get('path')} (sha256 "
+                        f"{expected['sha256'][:12]}...); {fix}")
+
+
+def adapted_params(opened: Opened) -> dict:
+    """An adapter checkpoint's model: its base (from the meta's path, hash checked) with the adapters merged."""
+    from abot.adapters.tree import merge
+    from abot.build import build_adapter
+
+    recorded = opened.meta["base"]
+    path = recorded.get("path", "")
+    if not Path(path).exists():
+        raise AbotError(f"{opened.path}: its base model {path} (adapter checkpoints hold only the adapters) is not "
+                        "found from here; put the base back at that path")
+    check_base_fits(opened.meta, base_identity(path), opened.path, "put the original base model back at that path")
+    base = tree_map(lambda p: p.astype(mx.float32), open_checkpoint(path, f"{opened.path} (its base)").params())
+    return merge(base, opened.trained(), build_adapter(opened.config()))
 
 
 def resolve_checkpoint(path: str | Path, key: str = "checkpoint") -> Path:
@@ -176,9 +226,11 @@ def check_state_fits(saved: dict, fresh: dict, where: Any) -> None:
 
 # ---------------------------------------------------------------------------------------------- for training
 
-def check_resumable(opened: Opened, cfg: Config, tokenizer: Tokenizer, fresh_state: dict) -> list[str]:
-    """Refuse a resume whose config changes the model, the optimizer or the tokenizer; return the safe changes
-    ("train.lr: 0.001 -> 0.002") so they can be logged. `fresh_state` is the state this config would start from."""
+def check_resumable(opened: Opened, cfg: Config, tokenizer: Tokenizer, fresh_state: dict,
+                    base: dict | None = None) -> list[str]:
+    """Refuse a resume whose config changes the model, the optimizer, the tokenizer, the adapters or their base;
+    return the safe changes ("train.lr: 0.001 -> 0.002") so they can be logged. `fresh_state` is the state this
+    config would start from, `base` the identity of its frozen base (adapters)."""
     if "state" not in opened.ckpt.trees:
         held = ", ".join(map(str, opened.ckpt.trees)) or "nothing"
         raise AbotError(f"{opened.path}: not a training checkpoint (it holds {held}, no training state); give a "
@@ -191,6 +243,15 @@ def check_resumable(opened: Opened, cfg: Config, tokenizer: Tokenizer, fresh_sta
         raise AbotError(f"{opened.path}: cannot resume, the config changes the optimizer (train.optimizer: {old_opt} "
                         f"-> {new['train']['optimizer']}) and its state does not carry over; restore "
                         "train.optimizer, or start a new run in another save_dir")
+    new_adapter = dataclasses.asdict(cfg.adapter)
+    old_adapter = {**new_adapter, "kind": None, **old.get("adapter", {})}
+    if old_adapter != new_adapter:
+        diffs = ", ".join(f"adapter.{k}: {v!r} -> {new_adapter[k]!r}" for k, v in old_adapter.items()
+                          if new_adapter.get(k) != v)
+        raise AbotError(f"{opened.path}: cannot resume, the config changes the adapters ({diffs}); {restore}")
+    if base is not None:
+        check_base_fits(opened.meta, base, f"{opened.path}: cannot resume",
+                        "set train.init_from to the base the run started from, or start a new run in another save_dir")
     check_state_fits(opened.ckpt.trees["state"], fresh_state, opened.path)
     check_tokenizer_fits(opened.meta, tokenizer, opened.path, "point train.tokenizer_path at the original tokenizer")
     return [f"{sec}.{k}: {old.get(sec, {}).get(k)} -> {v}" for sec in ("data", "train")

@@ -7,21 +7,24 @@ trains. Data flows config -> registry lookups (abot.build) -> pure functions -> 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import mlx.core as mx
 
-from abot.build import build_model, build_optimizer, build_schedule, ensure_tokenizer
+from abot.adapters.tree import adapter_role, attach, freeze, init_adapters
+from abot.build import build_adapter, build_model, build_optimizer, build_schedule, ensure_tokenizer
 from abot.checkpoint import latest_checkpoint, save_rotating
 from abot.config import Config, TrainConfig
 from abot.guards import World
 from abot.models.transformer import count_params
 from abot.platform.lanes import parallel_lanes
-from abot.restore import Opened, check_no_damaged_checkpoints, check_resumable, load_init_params, open_checkpoint
+from abot.restore import (Opened, base_identity, check_no_damaged_checkpoints, check_resumable, load_init_params,
+                          open_checkpoint)
 from abot.stage import Stage, StageData, check_stage, make_stage_eval, stage_data, stage_loss
-from abot.step import init_state, make_train_step
+from abot.step import DTYPES, init_state, make_train_step
 
 
 def decide_lanes(train: TrainConfig, world_size: int = 1, max_lanes: int | None = None) -> int:
@@ -42,18 +45,44 @@ class StepParts:
     optimizer: Any
     schedule: Callable[[int], float]
     loss: Callable
-    step: Callable  # (state, batch, lr) -> (state, metrics), compiled
+    step: Callable  # (state, batch, lr) -> (state, metrics), compiled; with adapters (state, batch, lr, frozen)
+    adapter: Any = None  # the adapter kind (abot.adapters.kind.AdapterKind); None: full fine-tuning
+    combine: Callable | None = None  # (frozen, adapters, key) -> the tree the model sees, with adapters
+
+    def with_frozen(self, frozen: dict | None) -> "StepParts":
+        """These parts with the frozen base bound into the step: `step(state, batch, lr)` either way."""
+        if frozen is None:
+            return self
+        step = self.step
+        return dataclasses.replace(self, step=lambda state, batch, lr: step(state, batch, lr, frozen))
 
 
 def build_step(cfg: Config, stage: Stage, lanes: int = 1, group=None) -> StepParts:
-    """Registry lookups for `cfg` (a typo'd name fails here, before any slow work), then the train step."""
+    """Registry lookups for `cfg` (a typo'd name fails here, before any slow work), then the train step.
+
+    With an adapter section the step trains the adapters only, the base its frozen argument (abot.step)."""
     t = cfg.train
-    model = build_model(cfg)
-    optimizer, schedule = build_optimizer(cfg, model), build_schedule(cfg)
-    loss = stage_loss(cfg, stage)
+    model, adapter = build_model(cfg), build_adapter(cfg)
+    combine = None if adapter is None else (lambda frozen, params, key: attach(frozen, params, adapter, key))
+    # Adapter leaves are not the model's own: they have their own roles (all AdamW's).
+    optimizer = build_optimizer(cfg, model if adapter is None else model._replace(param_role=adapter_role))
+    schedule, loss = build_schedule(cfg), stage_loss(cfg, stage)
     step = make_train_step(model, loss, optimizer, grad_accum_steps=t.grad_accum_steps, max_grad_norm=t.max_grad_norm,
-                           precision=t.precision, compile=t.compile, group=group, lanes=lanes)
-    return StepParts(model, optimizer, schedule, loss, step)
+                           precision=t.precision, compile=t.compile, group=group, lanes=lanes, combine=combine)
+    return StepParts(model, optimizer, schedule, loss, step, adapter, combine)
+
+
+def trainable(cfg: Config, parts: StepParts, base: dict, key: mx.array,
+              evaluate: bool = True) -> tuple[dict, dict | None]:
+    """(what trains, the frozen base): the whole model and None, or with adapters fresh adapters and the base
+    frozen in compute precision (quantized for QLoRA), evaluated here (`evaluate`) so that the float copy it
+    came from can be freed."""
+    if parts.adapter is None:
+        return base, None
+    frozen = freeze(base, cfg.adapter, DTYPES[cfg.train.precision])
+    if evaluate:
+        mx.eval(frozen)
+    return init_adapters(frozen, parts.adapter, cfg.adapter, key), frozen
 
 
 @dataclass
@@ -75,6 +104,7 @@ class Run:
     init_from: Path | None
     config_changes: list[str]  # safe config changes since the resumed checkpoint
     start_state: dict | None = field(default=None, repr=False)
+    base: dict | None = None  # adapters: the frozen base's identity {"path", "sha256"} (abot.restore.base_identity)
 
     def take_state(self) -> dict:
         """The state the run starts from, handed over once. The run keeps no reference to it, so as the loop
@@ -90,7 +120,8 @@ class Run:
             return None
         t = self.cfg.train
         meta = {"config": self.cfg.to_dict(), "tokenizer_sha256": self.tokenizer.sha256,
-                "data_state": self.data.stream.state(), "n_params": self.n_params, "stage": self.stage.name}
+                "data_state": self.data.stream.state(), "n_params": self.n_params, "stage": self.stage.name,
+                **({"base": self.base} if self.base else {})}
         return save_rotating(Path(t.save_dir), {"state": state}, step, meta, t.ckpt_keep)
 
 
@@ -124,15 +155,20 @@ def build_run(cfg: Config, stage: str | Stage = "pretrain", resume: bool = False
     # train.init_from: weights only (fresh optimizer state and schedule); also DPO's frozen reference model.
     init_params, init_path = (load_init_params(cfg, tokenizer, parts.model) if t.init_from
                               else (parts.model.init(init_key), None))
-    state, start, data_state, changes = init_state(init_params, parts.optimizer, key, t.precision), 0, None, []
+    params, frozen = trainable(cfg, parts, init_params, init_key)
+    base = base_identity(init_path) if frozen is not None else None
+    state, start, data_state, changes = init_state(params, parts.optimizer, key, t.precision), 0, None, []
     opened = resume_point(cfg, resume, say)
     if opened is not None:
-        changes = check_resumable(opened, cfg, tokenizer, fresh_state=state)
+        changes = check_resumable(opened, cfg, tokenizer, fresh_state=state, base=base)
         state, start, data_state = opened.ckpt.trees["state"], opened.step, opened.meta.get("data_state")
-    data = stage_data(stage, cfg, tokenizer, parts.model, reference=init_params, data_state=data_state, say=say,
-                      lanes=lanes)
-    evaluate = make_stage_eval(stage, parts.model, parts.loss, data.eval_batches, t.compile, lanes)
+    # With adapters the reference model (DPO) is the frozen base itself, adapters off: no second copy.
+    data = stage_data(stage, cfg, tokenizer, parts.model, reference=init_params if frozen is None else frozen,
+                      data_state=data_state, say=say, lanes=lanes)
+    evaluate = make_stage_eval(stage, parts.model, parts.loss, data.eval_batches, t.compile, lanes, parts.combine,
+                               frozen)
+    parts = parts.with_frozen(frozen)
     # The effective batch spans every rank: world x grad_accum x micro_batch sequences per update.
     tokens_per_step = world.size * t.grad_accum_steps * t.micro_batch_size * d.seq_len * stage.sequences_per_example
     return Run(cfg, stage, world, lanes, parts, tokenizer, start, data, evaluate, tokens_per_step,
-               count_params(state["params"]), opened and opened.path, init_path, changes, start_state=state)
+               count_params(state["params"]), opened and opened.path, init_path, changes, start_state=state, base=base)

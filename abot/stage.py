@@ -211,7 +211,7 @@ def stage_data(stage: str | Stage, cfg: Config, tokenizer, model, reference: Any
     if needs_reference(stage, cfg):
         if reference is None:
             raise AbotError(f"abot {stage.command} needs a reference model: set train.init_from")
-        ref_params = tree_map(lambda p: p.astype(DTYPES[t.precision]), reference)  # compute precision, frozen
+        ref_params = as_dtype(reference, DTYPES[t.precision])  # compute precision, frozen
         ref_fn = make_reference_fn(model, t.compile, lanes)
         evals = [add_reference_logprobs(ref_fn, ref_params, b, lanes) for b in evals]  # once: the reference is frozen
 
@@ -222,6 +222,15 @@ def stage_data(stage: str | Stage, cfg: Config, tokenizer, model, reference: Any
             return tree_map(mx.array, batch)
 
     return StageData(stream, evals, prepare, report=stream.stats.report, eval_report=eval_stats.report())
+
+
+def as_dtype(tree: Any, dtype: mx.Dtype) -> Any:
+    """The tree's float arrays in `dtype` (no copy where they already are); packed quantized weights and the
+    quantization's int settings (abot.ops.linear.quantize) as they are."""
+    def cast(leaf):
+        return leaf.astype(dtype) if isinstance(leaf, mx.array) and mx.issubdtype(leaf.dtype, mx.floating) else leaf
+
+    return tree_map(cast, tree)
 
 
 def random_batch(stage: Stage, cfg: Config, key: mx.array) -> Any:
@@ -268,7 +277,10 @@ def predicted_tokens(batch: Any) -> int:
 
 
 def make_stage_eval(stage: Stage, model, loss_fn: Callable, batches: list, compile: bool = True,
-                    lanes: int = 1) -> Callable[[dict], dict]:
-    """`params -> held-out metrics` of `batches` ({} without any)."""
-    eval_step = make_eval_step(model, loss_fn, compile, lanes)
-    return lambda params: evaluate(stage, eval_step, params, batches)
+                    lanes: int = 1, combine: Callable | None = None, frozen: Any = None) -> Callable[[dict], dict]:
+    """`params -> held-out metrics` of `batches` ({} without any); with adapters `params` are the adapters,
+    attached to the `frozen` base by `combine` (abot.run.build_step)."""
+    eval_step = make_eval_step(model, loss_fn, compile, lanes, combine)
+    if combine is None:
+        return lambda params: evaluate(stage, eval_step, params, batches)
+    return lambda params: evaluate(stage, lambda p, micro: eval_step(p, micro, frozen), params, batches)

@@ -87,7 +87,7 @@ def on_streams(fn: Callable, streams: list, micro, key: mx.array | None = None):
 
 def make_train_step(model, loss_fn: Callable, optimizer: Optimizer, *, grad_accum_steps: int,
                     max_grad_norm: float, precision: str = "float32", compile: bool = True,
-                    group: mx.distributed.Group | None = None, lanes: int = 1):
+                    group: mx.distributed.Group | None = None, lanes: int = 1, combine: Callable | None = None):
     """Build `step(state, batch, lr) -> (state, metrics)`.
 
     `batch` has a leading axis of `grad_accum_steps` micro-batches (an array or a dict of arrays);
@@ -98,6 +98,8 @@ def make_train_step(model, loss_fn: Callable, optimizer: Optimizer, *, grad_accu
     With `lanes` > 1 each micro-batch is split along its batch axis into that many equal parts, each
     differentiated on its own MLX stream, and their gradients combined as one batch's (see
     `abot.platform.lanes.parallel_lanes`: MLX runs a stream's elementwise kernels on one core).
+    With `combine(frozen, params, key) -> model params` (adapters: abot.adapters.tree.attach) it is `step(state,
+    batch, lr, frozen)`: `frozen` (the base) gets no gradient, no optimizer state and is never returned.
     """
     compute_dtype = DTYPES[precision]
     dynamic_scaling = precision == "float16"
@@ -107,15 +109,18 @@ def make_train_step(model, loss_fn: Callable, optimizer: Optimizer, *, grad_accu
     def across_ranks(tree):
         return tree if world == 1 else tree_map(lambda x: mx.distributed.all_sum(x, group=group) / world, tree)
 
-    def scaled_loss(params, micro, key, scale):
+    def scaled_loss(params, micro, key, scale, frozen):
         if compute_dtype != mx.float32:  # master weights stay float32; compute in low precision
             params = tree_map(lambda p: p.astype(compute_dtype), params)
+        if combine is not None:  # the trained tree attached to the frozen one (differentiated: params only)
+            key, combine_key = mx.random.split(key) if key is not None else (None, None)
+            params = combine(frozen, params, combine_key)
         loss, aux = loss_fn(model, params, micro, key)
         return loss.astype(mx.float32) * scale, aux
 
     grad_fn = mx.value_and_grad(scaled_loss)
 
-    def step(state: dict, batch: Any, lr: mx.array):
+    def step(state: dict, batch: Any, lr: mx.array, frozen: Any = None):
         params, scale = state["params"], state["loss_scale"]
         key, *micro_keys = mx.random.split(state["key"], grad_accum_steps + 1)
         grads, loss, aux_sum = None, mx.array(0.0), {}
@@ -128,8 +133,8 @@ def make_train_step(model, loss_fn: Callable, optimizer: Optimizer, *, grad_accu
                 done = [g for _, g in tree_flatten(grads)]
                 micro = tree_map(lambda b: mx.depends(b, done), micro)
             # ((loss, aux), grads) of the micro-batch, from its parallel lanes when there are several
-            (l, aux), g = on_streams(lambda part, part_key: grad_fn(params, part, part_key, scale), streams, micro,
-                                     micro_keys[i])
+            (l, aux), g = on_streams(lambda part, part_key: grad_fn(params, part, part_key, scale, frozen), streams,
+                                     micro, micro_keys[i])
             grads = g if grads is None else tree_map(mx.add, grads, g)
             loss = loss + l
             aux_sum = {k: aux_sum.get(k, 0.0) + v for k, v in aux.items()}
@@ -162,11 +167,14 @@ def make_train_step(model, loss_fn: Callable, optimizer: Optimizer, *, grad_accu
     return mx.compile(step) if compile else step
 
 
-def make_eval_step(model, loss_fn: Callable, compile: bool = True, lanes: int = 1):
-    """`eval_step(params, micro) -> (loss, metrics)` without dropout or gradients, in `lanes` parallel parts."""
+def make_eval_step(model, loss_fn: Callable, compile: bool = True, lanes: int = 1, combine: Callable | None = None):
+    """`eval_step(params, micro) -> (loss, metrics)` without dropout or gradients, in `lanes` parallel parts;
+    with `combine` (as the train step's) `eval_step(params, micro, frozen)`."""
     streams = new_streams(lanes)
 
-    def eval_step(params, micro):
+    def eval_step(params, micro, frozen=None):
+        if combine is not None:
+            params = combine(frozen, params, None)
         return on_streams(lambda part, _: (loss_fn(model, params, part, None), {}), streams, micro)[0]
 
     return mx.compile(eval_step) if compile else eval_step

@@ -19,6 +19,7 @@ from abot.config import ModelConfig
 from abot.models.roles import BIAS, EMBEDDING, HEAD, HIDDEN, NORM, ParamRole, conventional_role
 from abot.ops.attention import causal_attention
 from abot.ops.dropout import dropout
+from abot.ops.linear import linear
 from abot.ops.mlp import gelu_mlp, relu2_mlp, swiglu
 from abot.ops.norm import rms_norm
 from abot.ops.rope import apply_rope, rope_periods
@@ -131,7 +132,8 @@ def _split_heads(x: mx.array, n_heads: int) -> mx.array:
 
 
 def _linear(x: mx.array, p: Params, weight: str, bias: str) -> mx.array:
-    return x @ p[weight] + p[bias] if bias in p else x @ p[weight]
+    """A projection (plain, quantized or adapted weight: abot.ops.linear) and its bias where the block has one."""
+    return linear(x, p[weight]) + p[bias] if bias in p else linear(x, p[weight])
 
 
 def _attention_inputs(cfg: ModelConfig, p: Params, h: mx.array, offset: int, periods):

@@ -1,6 +1,6 @@
 """The one place where names become functions.
 
-Every pluggable kind (models, optimizers, schedules, datasets, losses) is a `Registry`. abot's own
+Every pluggable kind (models, optimizers, schedules, datasets, losses, adapters) is a `Registry`. abot's own
 entries are listed below as "module:attribute" strings and imported on first lookup; third-party
 packages add entries through the entry-point group `abot.<kind>` (see docs/plugins.md).
 """
@@ -138,7 +138,12 @@ losses = Registry("losses", {
     "simpo": "abot.finetune.losses:simpo",
 })
 
-KINDS: dict[str, Registry] = {r.kind: r for r in (models, optimizers, schedules, datasets, losses)}
+adapters = Registry("adapters", {
+    "lora": "abot.adapters.lora:lora",
+    "dora": "abot.adapters.dora:dora",
+})
+
+KINDS: dict[str, Registry] = {r.kind: r for r in (models, optimizers, schedules, datasets, losses, adapters)}
 
 
 def accepts(fn: Callable, name: str) -> bool:

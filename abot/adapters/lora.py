@@ -1,0 +1,25 @@
+"""LoRA (Hu et al. 2021): y = x W + (alpha / r) (x A) B, with A random and B zero, so step 0 is the base.
+
+Over a quantized base (QLoRA, Dettmers et al. 2023) x W is `mx.quantized_matmul`: the base is never
+dequantized in the forward pass; A and B stay float.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from abot.adapters.kind import AdapterKind, low_rank_delta, low_rank_pair, low_rank_update
+from abot.ops.linear import base_matmul
+
+
+def lora(rank: int = 8, alpha: float = 16.0, dropout: float = 0.0) -> AdapterKind:
+    """LoRA: a low-rank update (alpha / rank) A B beside each targeted projection."""
+    scale = alpha / rank
+
+    def apply(x: mx.array, base, adapter: dict, key: mx.array | None = None) -> mx.array:
+        return base_matmul(x, base) + low_rank_update(x, adapter, scale, dropout, key)
+
+    def merge(weight: mx.array, adapter: dict) -> mx.array:
+        return weight + low_rank_delta(adapter, scale)
+
+    return AdapterKind(init=lambda base, key: low_rank_pair(base, rank, key), apply=apply, merge=merge)
