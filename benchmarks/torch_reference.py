@@ -1,5 +1,8 @@
 """PyTorch reference of abot's transformer and AdamW step, for side-by-side speed figures.
 
+benchmarks/speedrun.py trains it too, with `make_optimizers` (AdamW, or PyTorch's own Muon on the blocks'
+matrices + AdamW on the rest) and scores it with `next_token_loss`, abot's next-token loss formula.
+
 Same model as abot/models/transformer.py: pre-RMSNorm, rotate-half RoPE, causal SDPA, SwiGLU MLP of
 mlp_multiple * d_model, tied embeddings, GPT-2 init; AdamW (betas 0.9/0.95, decay on matrices), global-norm
 clip 1.0. float32 on the CPU (benchmarks/train_speed.py, when torch is installed: `pip install
@@ -65,21 +68,44 @@ def forward(params: dict, tokens, layers: int, heads: int, cos, sin, eps: float 
     return x @ params["embed"].T
 
 
+def next_token_loss(params: dict, tokens, layers: int, heads: int, cos, sin):
+    """Mean next-token cross-entropy on (batch, seq + 1) windows: abot.losses.next_token's formula."""
+    logits = forward(params, tokens[:, :-1], layers, heads, cos, sin)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1))
+
+
+def make_optimizers(params: dict, name: str, lr: float, weight_decay: float = 0.02, fused: bool = False) -> list:
+    """The optimizers of one recipe, to be stepped together: "adamw", or "muon" (PyTorch's own).
+
+    "muon": `torch.optim.Muon` on the blocks' matrices, with `adjust_lr_fn="match_rms_adamw"` (0.2
+    sqrt(max(rows, cols)), as abot's muon_adamw) so that one lr serves both groups, and AdamW on the rest
+    (embedding, norms). AdamW: betas 0.9/0.95, weight decay on matrices only.
+    """
+    hidden = {k: p for k, p in params.items() if name == "muon" and "." in k and p.ndim == 2}
+    rest = [p for k, p in params.items() if k not in hidden]
+    groups = [{"params": [p for p in rest if p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in rest if p.ndim < 2], "weight_decay": 0.0}]
+    opts = [torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.95), eps=1e-8,
+                              **({"fused": True} if fused else {}))]
+    if name == "muon":
+        opts.append(torch.optim.Muon(list(hidden.values()), lr=lr, weight_decay=weight_decay,
+                                     adjust_lr_fn="match_rms_adamw"))
+    elif name != "adamw":
+        raise ValueError(f"optimizer {name!r}: 'adamw' or 'muon'")
+    return opts
+
+
 def bench(d: int, layers: int, heads: int, seq: int, batch: int, vocab: int, steps: int, warmup: int = 3,
           device: str = "cpu", precision: str = "float32", compile: bool = False) -> dict:
     torch.manual_seed(0)
     cuda = device == "cuda"
     params = init_params(vocab, d, layers, device=device)
-    decay = [p for p in params.values() if p.ndim >= 2]
-    no_decay = [p for p in params.values() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.02}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=1e-3, betas=(0.9, 0.95), eps=1e-8, **({"fused": True} if cuda else {}))
+    (opt,) = make_optimizers(params, "adamw", 1e-3, fused=cuda)
     cos, sin = (t.to(device) for t in rope_tables(seq, d // heads, 10000.0))
     tokens = torch.randint(0, vocab, (batch, seq + 1), device=device)
 
     def loss_fn(params, tokens):
-        logits = forward(params, tokens[:, :-1], layers, heads, cos, sin)
-        return F.cross_entropy(logits.reshape(-1, vocab).float(), tokens[:, 1:].reshape(-1))
+        return next_token_loss(params, tokens, layers, heads, cos, sin)
 
     if compile:
         loss_fn = torch.compile(loss_fn)

@@ -1,0 +1,141 @@
+"""benchmarks/speedrun.py's fixed parts: the token stream, the eval windows, the schedule on the clock, the sweeps'
+edge rule, the report, and that abot and the PyTorch reference score the same weights alike."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import speedrun  # noqa: E402
+
+from abot.schedules import wsd  # noqa: E402
+
+
+def write_shards(folder: Path, train: np.ndarray, held_out: np.ndarray) -> Path:
+    """A minimal shards folder as `abot data prepare` writes it (only what speedrun reads)."""
+    folder.mkdir()
+    splits = {}
+    for split, tokens in (("train", train), ("eval", held_out)):
+        tokens.astype("<u2").tofile(folder / f"{split}-00000.bin")
+        splits[split] = {"files": [f"{split}-00000.bin"], "tokens": [len(tokens)], "total_tokens": len(tokens)}
+    (folder / "meta.json").write_text(json.dumps({"dtype": "uint16", "splits": splits}))
+    return folder
+
+
+def test_train_batches_are_the_same_stream_for_every_run(tmp_path):
+    folder = write_shards(tmp_path / "s", np.arange(1000) % 500, np.arange(300))
+    tokens = speedrun.load_split(folder, "train")
+    assert tokens.tolist() == (np.arange(1000) % 500).tolist()
+    first = [b for _, b in zip(range(40), speedrun.train_batches(tokens, 16, 4, seed=0))]
+    again = [b for _, b in zip(range(40), speedrun.train_batches(tokens, 16, 4, seed=0))]
+    other = next(speedrun.train_batches(tokens, 16, 4, seed=1))
+    assert all((a == b).all() for a, b in zip(first, again))
+    assert not (first[0] == other).all()
+    assert first[0].shape == (4, 17)
+    for window in first[0]:  # a contiguous slice of the split, starting on the seq_len grid
+        start = int(np.flatnonzero((np.lib.stride_tricks.sliding_window_view(tokens, 17) == window).all(1))[0])
+        assert start % 16 == 0
+    per_epoch = (1000 - 17) // 16 // 4 + 1  # 62 windows -> 15 batches an epoch; epoch 1 is another order
+    assert not (first[0] == first[per_epoch - 1 + 1]).all()
+
+
+def test_eval_windows_are_whole_batches_of_disjoint_windows():
+    tokens = np.arange(1000)
+    w = speedrun.eval_windows(tokens, seq_len=15, batch=4, most=64)  # 62 windows available -> 60
+    assert w.shape == (15, 4, 16)
+    flat = w.reshape(-1, 16)
+    assert (flat[:, 0] % 16 == 0).all() and len(set(flat[:, 0].tolist())) == 60
+    assert speedrun.eval_windows(tokens, 15, 4, most=8).shape == (2, 4, 16)
+    with pytest.raises(SystemExit):
+        speedrun.eval_windows(np.arange(20), 15, 4, most=8)
+
+
+def test_clock_schedule_is_wsd_over_the_budget():
+    lr_at = speedrun.clock_schedule(1e-2, budget_s=100.0)
+    grid = speedrun.SCHEDULE_GRID
+    reference = wsd(1e-2, 1e-3, round(0.05 * grid), grid, decay_fraction=0.2)
+    for t in (0.0, 1.0, 4.0, 30.0, 79.0, 85.0, 99.99):
+        assert lr_at(t) == pytest.approx(reference(int(t / 100.0 * grid)))
+    assert lr_at(0.0) < 1e-3 and lr_at(50.0) == pytest.approx(1e-2)
+    assert lr_at(100.0) == lr_at(500.0) == pytest.approx(1e-3)  # after the budget: min_lr, lr / 10
+
+
+def fake_runner(monkeypatch, loss_of_lr) -> speedrun.Runner:
+    """A Runner whose children are replaced by `loss_of_lr(recipe)`: one eval point, the lower the sooner."""
+    def run_in_child(recipe, setup):
+        loss = loss_of_lr(recipe)
+        return {"final_loss": loss, "steps": 10, "tokens": 100,
+                "evals": [{"time_s": 0.0, "loss": 9.0}, {"time_s": loss if math.isfinite(loss) else 9.0, "loss": loss}]}
+
+    monkeypatch.setattr(speedrun, "run_in_child", run_in_child)
+    setup = speedrun.Setup("shards", 64, 2, 4, 64, 8, 6.0, 0.6)
+    return speedrun.Runner(setup, save=lambda: None)
+
+
+def test_sweep_extends_one_step_past_an_edge(monkeypatch):
+    runner = fake_runner(monkeypatch, lambda r: abs(math.log2(r.lr / 1.6e-2)))  # best at 1.6e-2
+    best = runner.sweep("lr", [4e-3, 8e-3], lambda lr: speedrun.Recipe("abot", "adamw", lr))
+    assert best.lr == pytest.approx(1.6e-2)
+    sweep = runner.sweeps[-1]
+    assert sweep["extended_to"] == pytest.approx(1.6e-2) and sweep["best_at_edge"]
+    assert len(runner.runs) == 3
+    inside = runner.sweep("lr", [4e-3, 1.6e-2, 6.4e-2], lambda lr: speedrun.Recipe("torch", "adamw", lr))
+    assert inside.lr == pytest.approx(1.6e-2) and runner.sweeps[-1]["extended_to"] is None
+
+
+def test_sweep_counts_a_diverged_run_as_worst(monkeypatch):
+    runner = fake_runner(monkeypatch, lambda r: math.nan if r.lr > 5e-3 else 5.0 + r.lr)
+    best = runner.sweep("lr", [2e-3, 4e-3, 8e-3], lambda lr: speedrun.Recipe("abot", "adamw", lr))
+    assert best.lr == pytest.approx(1e-3)  # extended below the edge, where the loss is lower still
+
+
+def test_plan_and_report(monkeypatch, tmp_path):
+    """The whole plan on fake runs: every row, the combination of the options that helped, the table, the plot."""
+    def loss(r):
+        model = dict(r.model)
+        return (5.0 - (r.framework == "torch") * 0.5 - (r.optimizer == "muon_adamw") * 0.6
+                - 0.1 * model.get("qk_norm", 0) - 0.1 * (model.get("ffn_activation") == "relu2") + 0.01 * r.lr)
+
+    runner = fake_runner(monkeypatch, loss)
+    rows = speedrun.run_plan(runner, speedrun.QUICK_GRIDS)
+    assert {"PyTorch AdamW", "PyTorch Muon + AdamW", "abot adamw", "abot muon_adamw", "abot + relu2",
+            "abot best combination"} <= set(rows)
+    combo = dict(rows["abot best combination"].model)
+    assert combo == {"qk_norm": True, "ffn_activation": "relu2"}
+    muon_args = [dict(r.optimizer_args) for r in runner.runs if r.optimizer == "muon_adamw"]
+    assert all(set(args) == {"adamw_lr_scale"} for args in muon_args)  # scale 1 is one run, not two
+    path = tmp_path / "speedrun.json"
+    speedrun.save_json(path, runner, rows, quick=True)
+    report = json.loads(path.read_text())
+    table = "\n".join(speedrun.results_table(report))
+    assert "abot's best, abot best combination" in table and "| PyTorch AdamW |" in table
+    speedrun.write_report(report, tmp_path)
+    assert (tmp_path / "speedrun.png").stat().st_size > 1000
+    assert speedrun.known_runs(path, runner.setup).keys() == runner.runs.keys()  # --resume finds every run
+
+
+def test_abot_and_the_pytorch_reference_score_the_same_weights_alike():
+    """One evaluator in effect: abot's next_token loss and torch_reference's, on abot's initial weights."""
+    torch = pytest.importorskip("torch")
+    import mlx.core as mx
+    import torch_reference as ref
+
+    from abot.config import ModelConfig
+    from abot.losses import next_token
+    from abot.models.transformer import transformer
+
+    cfg = ModelConfig(vocab_size=300, n_layers=2, d_model=32, n_heads=4, max_seq_len=16, dropout=0.0)
+    model = transformer(cfg)
+    params = model.init(mx.random.key(0))
+    tokens = np.random.default_rng(0).integers(0, 300, (3, 17))
+    theirs = {"embed": params["embed"], "final_norm": params["final_norm"],
+              **{f"{i}.{k}": v for i, block in enumerate(params["blocks"]) for k, v in block.items()}}
+    theirs = {k: torch.from_numpy(np.array(v)) for k, v in theirs.items()}
+    cos, sin = ref.rope_tables(16, 8, cfg.rope_theta)
+    torch_loss = ref.next_token_loss(theirs, torch.from_numpy(tokens), 2, 4, cos, sin).item()
+    abot_loss = next_token(model, params, mx.array(tokens.astype(np.int32)), None)[0].item()
+    assert torch_loss == pytest.approx(abot_loss, abs=1e-4)
