@@ -121,6 +121,10 @@ def make_train_step(model, loss_fn: Callable, optimizer: Optimizer, *, grad_accu
     grad_fn = mx.value_and_grad(scaled_loss)
 
     def step(state: dict, batch: Any, lr: mx.array, frozen: Any = None):
+        given = tree_flatten(batch)[0][1].shape[0]
+        if given != grad_accum_steps:  # indexing past the end would read out of bounds inside the compiled graph
+            raise ValueError(f"the batch holds {given} micro-batches on its leading axis, but the step was built "
+                             f"for grad_accum_steps={grad_accum_steps}")
         params, scale = state["params"], state["loss_scale"]
         key, *micro_keys = mx.random.split(state["key"], grad_accum_steps + 1)
         grads, loss, aux_sum = None, mx.array(0.0), {}

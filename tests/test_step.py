@@ -58,6 +58,12 @@ def test_accumulating_k_micro_batches_equals_one_batch_of_k():
 
 
 @pytest.mark.parametrize("compile", [False, True])
+def test_a_batch_with_too_few_micro_batches_is_an_error_not_a_crash(compile):
+    with pytest.raises(ValueError, match="holds 1 micro-batches on its leading axis.*grad_accum_steps=4"):
+        run(tokens((1, 2, 17)), accum=4, compile=compile)
+
+
+@pytest.mark.parametrize("compile", [False, True])
 def test_parallel_lanes_equal_one_batch(compile):
     """A micro-batch split over two MLX streams gives the unsplit batch's loss and update."""
     batch = tokens((2, 4, 17))
