@@ -85,6 +85,23 @@ def on_streams(fn: Callable, streams: list, micro, key: mx.array | None = None):
     return tree_map(combine, *parts)
 
 
+def check_micro_batches(batch: Any, grad_accum_steps: int) -> None:
+    """A step's batch must hold exactly grad_accum_steps micro-batches: reading past its end inside the
+    compiled graph would not raise, it would read out of bounds."""
+    given = tree_flatten(batch)[0][1].shape[0]
+    if given != grad_accum_steps:
+        raise ValueError(f"the batch holds {given} micro-batches on its leading axis, but the step was built "
+                         f"for grad_accum_steps={grad_accum_steps}")
+
+
+def next_loss_scale(finite: mx.array, scale: mx.array, good_steps: mx.array) -> tuple[mx.array, mx.array]:
+    """float16's dynamic loss scale after a step, and the clean-step count: halve on overflow, double after
+    LOSS_SCALE_GROWTH_INTERVAL clean steps."""
+    grow = good_steps >= LOSS_SCALE_GROWTH_INTERVAL
+    scale = mx.where(finite, mx.where(grow, scale * 2.0, scale), scale * 0.5)
+    return scale, mx.where(grow, 0, good_steps)
+
+
 def make_train_step(model, loss_fn: Callable, optimizer: Optimizer, *, grad_accum_steps: int,
                     max_grad_norm: float, precision: str = "float32", compile: bool = True,
                     group: mx.distributed.Group | None = None, lanes: int = 1, combine: Callable | None = None):
@@ -121,10 +138,7 @@ def make_train_step(model, loss_fn: Callable, optimizer: Optimizer, *, grad_accu
     grad_fn = mx.value_and_grad(scaled_loss)
 
     def step(state: dict, batch: Any, lr: mx.array, frozen: Any = None):
-        given = tree_flatten(batch)[0][1].shape[0]
-        if given != grad_accum_steps:  # indexing past the end would read out of bounds inside the compiled graph
-            raise ValueError(f"the batch holds {given} micro-batches on its leading axis, but the step was built "
-                             f"for grad_accum_steps={grad_accum_steps}")
+        check_micro_batches(batch, grad_accum_steps)
         params, scale = state["params"], state["loss_scale"]
         key, *micro_keys = mx.random.split(state["key"], grad_accum_steps + 1)
         grads, loss, aux_sum = None, mx.array(0.0), {}
@@ -158,9 +172,7 @@ def make_train_step(model, loss_fn: Callable, optimizer: Optimizer, *, grad_accu
         keep = lambda new, old: mx.where(finite, new, old)  # noqa: E731
         good = mx.where(finite, state["good_steps"] + 1, 0)
         if dynamic_scaling:
-            grow = good >= LOSS_SCALE_GROWTH_INTERVAL
-            scale = mx.where(finite, mx.where(grow, scale * 2.0, scale), scale * 0.5)
-            good = mx.where(grow, 0, good)
+            scale, good = next_loss_scale(finite, scale, good)
         new_state = {"params": tree_map(keep, new_params, params),
                      "opt_state": tree_map(keep, new_opt, state["opt_state"]),
                      "key": key, "loss_scale": scale, "good_steps": good}

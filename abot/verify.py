@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from abot.config import Config, load_config
-from abot.errors import AbotError, ConfigError
+from abot.errors import AbotError
 from abot.restore import with_model_folder
 from abot.memory import Shapes, estimate_memory, machine_memory, measure_step_peak, model_shapes
 from abot.run import decide_lanes

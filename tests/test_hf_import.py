@@ -5,7 +5,10 @@ represent is refused naming the field."""
 import abot  # noqa: F401  (first: it sets up BLAS before anything imports mlx.core)
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -19,7 +22,6 @@ from abot.build import build_model
 from abot.config import load_config
 from abot.errors import AbotError
 from abot.generate import generate_tokens
-from abot.models import hf
 from abot.restore import open_checkpoint, with_model_folder
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "hf"
@@ -189,35 +191,31 @@ def test_folder_to_abot_to_export_gives_the_same_tensors_bit_for_bit(tmp_path, k
 
 
 def run_abot(*args, cwd) -> str:
-    import subprocess
-    import sys
-
     out = subprocess.run([sys.executable, "-m", "abot", *args], capture_output=True, text=True, cwd=cwd, timeout=600,
-                         env={**__import__("os").environ, "COLUMNS": "200"})
+                         env={**os.environ, "COLUMNS": "200"})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out.stdout
+
+
+def fine_tune(command: str, source: str, data: str, splits: str, base: str, steps: int, cwd: Path) -> dict:
+    """`abot sft` or `abot dpo` from fixture `base` with a YAML that has no model section; the run's summary."""
+    train, held_out = splits.split(",")
+    (cwd / f"{command}.yaml").write_text(
+        f"data:\n  source: {source}\n  dataset: {ROOT}/configs/data/{data}\n  split: {train}\n"
+        f"  eval_split: {held_out}\n  seq_len: 64\ntrain:\n  init_from: {FIXTURES / base}\n  save_dir: {command}\n")
+    run_abot(command, f"{command}.yaml", "train.micro_batch_size=4", "train.grad_accum_steps=1", "train.lr=3e-3",
+             "train.min_lr=3e-4", "train.warmup_steps=2", "train.eval_steps=4", "train.log_interval=10",
+             "train.ckpt_keep=1", "train.gradient_checkpointing=false", "train.precision=float32",
+             f"train.total_steps={steps}", f"train.eval_interval={steps}", f"train.ckpt_interval={steps}", cwd=cwd)
+    return json.loads((cwd / command / "logs" / "final_training_summary.json").read_text())
 
 
 @pytest.mark.slow
 def test_sft_and_dpo_from_an_imported_folder_with_no_model_section(tmp_path):
     """A YAML with no model section and no tokenizer: both come from the folder. The loss falls, the run reloads."""
-    common = ["train.micro_batch_size=4", "train.grad_accum_steps=1", "train.lr=3e-3", "train.min_lr=3e-4",
-              "train.warmup_steps=2", "train.eval_steps=4", "train.log_interval=10", "train.ckpt_keep=1",
-              "train.gradient_checkpointing=false", "train.precision=float32"]
-    (tmp_path / "sft.yaml").write_text(
-        f"data:\n  source: chat\n  dataset: {ROOT}/configs/data/ultrachat_mini\n  split: train_sft\n"
-        f"  eval_split: test_sft\n  seq_len: 64\ntrain:\n  init_from: {FIXTURES / 'qwen2'}\n  save_dir: sft\n")
-    run_abot("sft", "sft.yaml", *common, "train.total_steps=30", "train.eval_interval=30", "train.ckpt_interval=30",
-             cwd=tmp_path)
-    summary = json.loads((tmp_path / "sft" / "logs" / "final_training_summary.json").read_text())
+    summary = fine_tune("sft", "chat", "ultrachat_mini", "train_sft,test_sft", "qwen2", 30, tmp_path)
     assert summary["final_eval"]["loss"] < summary["initial_eval"]["loss"] - 0.5
     assert open_checkpoint(tmp_path / "sft").config().model.qkv_bias  # the run folder reloads as the folder's model
     run_abot("generate", "sft", "--prompt", "Hello", "--max-new-tokens", "4", cwd=tmp_path)
-
-    (tmp_path / "dpo.yaml").write_text(
-        f"data:\n  source: preferences\n  dataset: {ROOT}/configs/data/ultrafeedback_mini\n  split: train_prefs\n"
-        f"  eval_split: test_prefs\n  seq_len: 64\ntrain:\n  init_from: {FIXTURES / 'qwen3'}\n  save_dir: dpo\n")
-    run_abot("dpo", "dpo.yaml", *common, "train.total_steps=20", "train.eval_interval=20", "train.ckpt_interval=20",
-             cwd=tmp_path)
-    summary = json.loads((tmp_path / "dpo" / "logs" / "final_training_summary.json").read_text())
+    summary = fine_tune("dpo", "preferences", "ultrafeedback_mini", "train_prefs,test_prefs", "qwen3", 20, tmp_path)
     assert summary["initial_eval"]["accuracy"] == 0.0 and summary["final_eval"]["loss"] < 0.6931
