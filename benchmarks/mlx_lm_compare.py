@@ -402,7 +402,8 @@ def main():
     print()
     print("\n".join(table(args, res)))
     print()
-    print(verdict(res))
+    print(verdict(res) + (" (--quick: a smoke run on a tiny model; its figures say nothing about speed)"
+                          if args.quick else ""))
     print("each run:")
     print("\n".join(each_run(res)))
 
