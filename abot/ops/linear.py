@@ -67,7 +67,10 @@ def dequantized_matmul(bits: int, group_size: int):
     @matmul.vjp
     def matmul_vjp(primals, cotangent, output):
         x, packed, scales, biases = primals
-        return cotangent @ weight(packed, scales, biases), *(mx.zeros_like(a) for a in (packed, scales, biases))
+        # After the cotangent, and not the forward's node: mx.compile would otherwise merge the two identical
+        # dequantizations into one and keep every float weight alive from the forward to the backward pass.
+        later = mx.depends([packed, scales, biases], [cotangent])
+        return cotangent @ weight(*later), *(mx.zeros_like(a) for a in (packed, scales, biases))
 
     return matmul
 
