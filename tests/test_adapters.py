@@ -5,8 +5,12 @@ fixture (slow)."""
 import abot  # noqa: F401  (first: it sets up BLAS before anything imports mlx.core)
 
 import json
+import os
+import random
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -18,6 +22,7 @@ from abot import registry
 from abot.adapters.dora import dora
 from abot.adapters.lora import lora
 from abot.adapters.tree import attach, merge
+from abot.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from abot.config import ConfigError, config_from_dict
 from abot.errors import AbotError
 from abot.memory import estimate_memory, measure_step_peak
@@ -118,6 +123,20 @@ def test_qlora_forward_equals_the_dequantized_base_forward(bits):
     plain = merge(frozen, adapters, parts.adapter)  # B = 0: the dequantized base
     got = parts.model.apply(attach(frozen, adapters, parts.adapter), tokens)
     assert mx.abs(got - parts.model.apply(plain, tokens)).max().item() < 1e-4
+
+
+def test_qlora_on_the_cpu_has_quantized_matmuls_value_and_input_gradient():
+    """On the CPU the quantized base is multiplied through its dequantized weight (dequantized_matmul, ~20x
+    faster than MLX's CPU quantized_matmul); the value and the gradient reaching x are quantized_matmul's."""
+    q = quantize(mx.random.normal((128, 96), key=mx.random.key(0)), 4, 64)
+    x, c = mx.random.normal((4, 128), key=mx.random.key(1)), mx.random.normal((4, 96), key=mx.random.key(2))
+    reference = lambda x: (mx.quantized_matmul(x, q["packed"], q["scales"], q["biases"], transpose=True,  # noqa: E731
+                                               group_size=64, bits=4) * c).sum()
+    ours = lambda x: (linear(x, q) * c).sum()  # noqa: E731
+    (want, want_grad), (got, got_grad) = mx.value_and_grad(reference)(x), mx.value_and_grad(ours)(x)
+    assert abs(got - want).item() < 1e-3 and mx.abs(got_grad - want_grad).max().item() < 1e-4
+    checkpointed = mx.compile(mx.checkpoint(mx.value_and_grad(ours)))
+    assert mx.abs(checkpointed(x)[1] - want_grad).max().item() < 1e-4
 
 
 @pytest.mark.parametrize("adapter", [{}, {"kind": "dora"}, {"quantize_bits": 4}])
@@ -267,3 +286,89 @@ def test_qlora_resume_is_bit_exact_and_a_different_base_is_refused(tmp_path):
                           "train.save_dir=parts", f"train.init_from={other}", "--resume"], capture_output=True,
                          text=True, cwd=tmp_path, timeout=600, env={**__import__("os").environ, "COLUMNS": "400"})
     assert out.returncode == 2 and "the adapters were trained on a different base model" in out.stdout, out.stdout
+
+
+def abot_popen(*args, cwd):
+    return subprocess.Popen([sys.executable, "-m", "abot", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, cwd=cwd, env={**os.environ, "COLUMNS": "400"})
+
+
+def wait_for(predicate, proc, what, timeout=120.0):
+    """Poll `predicate` every 10 ms until it holds; fail if `proc` exits first or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run exited ({proc.returncode}) before {what}:\n{proc.stdout.read()[-3000:]}")
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def assert_bit_identical(got, want, what):
+    """Same leaves, dtypes, shapes and values bit for bit (test_resume.py's comparison)."""
+    got, want = dict(tree_flatten(got)), dict(tree_flatten(want))
+    assert list(got) == list(want), f"{what}: different leaves"
+    for name, w in want.items():
+        g = got[name]
+        assert g.dtype == w.dtype and g.shape == w.shape, f"{what}.{name}: {g.dtype}{g.shape} vs {w.dtype}{w.shape}"
+        if g.dtype == mx.bfloat16:  # compare the bits
+            g, w = mx.view(g, mx.uint16), mx.view(w, mx.uint16)
+        assert np.array_equal(np.array(g), np.array(w)), f"{what}.{name} differs after resume"
+
+
+KILL_TOTAL = 120  # steps of ~40 ms: the kill, soon after the step-20/40 checkpoint, lands mid-run
+
+
+def pointed_step(save_dir: Path) -> int:
+    """The step of the checkpoint the `latest` pointer names (-1 before there is one): the pointer is written
+    after the checkpoint file, and a kill between the two leaves the previous one the newest."""
+    pointer = save_dir / "latest"
+    name = pointer.read_text().strip() if pointer.exists() else ""
+    return int(name[len("step_"):-len(".ckpt")]) if name.startswith("step_") and name.endswith(".ckpt") else -1
+
+
+@pytest.mark.slow
+def test_lora_sft_killed_with_sigkill_then_resumed_ends_bit_identical(tmp_path):
+    """`abot sft` with LoRA (dropout on, so the PRNG key matters) from the Hugging Face fixture, SIGKILLed at a
+    random point after a checkpoint and resumed with --resume, ends with exactly the adapters, their optimizer
+    state, key and data position of an uninterrupted run; the base's identity is recorded in both."""
+    yaml = sft_yaml(tmp_path, "  kind: lora\n  rank: 4\n  dropout: 0.1\n  targets: [q, v, gate, down]\n")
+    steps = [*COMMON, f"train.total_steps={KILL_TOTAL}", "train.ckpt_interval=20", "train.eval_interval=100000",
+             "train.ckpt_keep=2", "train.log_interval=20"]
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    kill_after, delay = rng.choice([20, 40]), rng.uniform(0.0, 0.05)
+    # The uninterrupted run first; the other starts once the first has a checkpoint, its kernels in MLX's cache.
+    reference = abot_popen("sft", yaml, *steps, "train.save_dir=whole", cwd=tmp_path)
+    proc = None
+    try:
+        wait_for(lambda: list_checkpoints(tmp_path / "whole"), reference, "the reference run's first checkpoint")
+        proc = abot_popen("sft", yaml, *steps, "train.save_dir=killed", cwd=tmp_path)
+        wait_for(lambda: pointed_step(tmp_path / "killed") >= kill_after, proc, f"the checkpoint of step {kill_after}")
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        reference_output = reference.communicate(timeout=300)[0]
+    finally:
+        for p in (proc, reference):
+            if p is not None and p.poll() is None:
+                p.kill()
+            if p is not None:
+                p.communicate()
+    assert reference.returncode == 0, reference_output[-3000:]
+    assert proc.returncode == -signal.SIGKILL, f"the run finished before the kill (delay {delay:.3f} s, seed {seed})"
+    killed_at = load_checkpoint(latest_checkpoint(tmp_path / "killed")).step
+    assert kill_after <= killed_at < KILL_TOTAL, f"checkpoint {killed_at} (delay {delay:.3f} s, seed {seed})"
+
+    out = abot_cli("sft", yaml, *steps, "train.save_dir=killed", "--resume", cwd=tmp_path)
+    assert f"at step {killed_at}" in out
+
+    name = f"step_{KILL_TOTAL:08d}.ckpt"
+    a, b = load_checkpoint(tmp_path / "whole" / name), load_checkpoint(tmp_path / "killed" / name)
+    why = f"(killed {delay:.3f} s after step {kill_after}, resumed from step {killed_at}; random seed {seed})"
+    assert a.step == b.step == KILL_TOTAL
+    assert all(".lora_" in k for k, _ in tree_flatten(a.trees["state"]["params"]))  # the adapters only
+    assert_bit_identical(b.trees["state"]["params"], a.trees["state"]["params"], f"adapters {why}")
+    assert_bit_identical(b.trees["state"]["opt_state"], a.trees["state"]["opt_state"], f"opt_state {why}")
+    assert_bit_identical(b.trees["state"], a.trees["state"], f"state {why}")  # key, loss scale, good steps too
+    assert b.meta["data_state"] == a.meta["data_state"]
+    assert b.meta["base"] == a.meta["base"] == base_identity(QWEN2)

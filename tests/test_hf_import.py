@@ -150,6 +150,8 @@ def test_a_run_from_a_folder_takes_the_model_section_and_tokenizer_from_it(tmp_p
 
 
 def transformers_or_skip():
+    """transformers, with torch to run its models: mlx-lm (benchmarks/adapters.py) installs transformers alone."""
+    pytest.importorskip("torch")
     return pytest.importorskip("transformers")
 
 

@@ -1,7 +1,8 @@
 """LoRA (Hu et al. 2021): y = x W + (alpha / r) (x A) B, with A random and B zero, so step 0 is the base.
 
-Over a quantized base (QLoRA, Dettmers et al. 2023) x W is `mx.quantized_matmul`: the base is never
-dequantized in the forward pass; A and B stay float.
+Over a quantized base (QLoRA, Dettmers et al. 2023) x W is `mx.quantized_matmul` (on the CPU, a matmul with
+a transient dequantized weight: abot.ops.linear.dequantized_matmul): no float copy of the base is kept; A and B
+stay float.
 """
 
 from __future__ import annotations
