@@ -382,13 +382,19 @@ def _pointer_target(save_dir: Path) -> Path | None:
 
 def latest_checkpoint(save_dir: str | Path) -> Path | None:
     """The newest loadable checkpoint in `save_dir`: the `latest` pointer's file if it verifies, else the
-    highest-step `step_*.ckpt` that verifies (so a torn pointer or a damaged file never loses a run)."""
+    highest-step `step_*.ckpt` that verifies (so a torn pointer or a damaged file never loses a run).
+
+    A checkpoint written after the pointer (a run killed between writing a checkpoint and moving the pointer
+    to it) wins over the pointer's file, so that kill loses no checkpoint already written.
+    """
     save_dir = Path(save_dir)
     if not save_dir.is_dir():
         return None
     target = _pointer_target(save_dir)
     if target is not None and target.is_file() and is_valid_checkpoint(target):
-        return target
+        moved = (save_dir / LATEST_POINTER).stat().st_mtime_ns
+        newer = [p for _, p in list_checkpoints(save_dir) if p.stat().st_mtime_ns > moved and is_valid_checkpoint(p)]
+        return max(newer, key=lambda p: p.stat().st_mtime_ns) if newer else target
     for _, path in reversed(list_checkpoints(save_dir)):
         if path != target and is_valid_checkpoint(path):
             return path

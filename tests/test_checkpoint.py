@@ -250,6 +250,19 @@ def test_latest_falls_back_when_the_pointer_is_missing_or_bad(tmp_path):
     assert latest_checkpoint(tmp_path) is None
 
 
+def test_a_checkpoint_written_after_the_pointer_wins(tmp_path):
+    """Killed after writing step 3 but before moving `latest` to it: resume from step 3, not step 2. A stale
+    higher-numbered file from before the pointer (an abandoned branch of the run) does not win."""
+    save_rotating(tmp_path, tiny_tree(9), 9, {}, keep=5)
+    time.sleep(0.01)
+    for step in [1, 2]:
+        save_rotating(tmp_path, tiny_tree(step), step, {}, keep=5)
+    assert latest_checkpoint(tmp_path).name == checkpoint_name(2)  # the pointer, not the older step 9
+    time.sleep(0.01)
+    save_checkpoint(tmp_path / checkpoint_name(3), tiny_tree(3), 3, {})  # no pointer update: the kill
+    assert latest_checkpoint(tmp_path).name == checkpoint_name(3)
+
+
 def test_a_writer_killed_mid_write_leaves_the_previous_checkpoint(tmp_path):
     save_rotating(tmp_path, tiny_tree(1), 1, {"step": 1}, keep=3)
     # The child writes a ~128 MB tree, lazily computed so the write itself takes a while; it is killed
