@@ -10,7 +10,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -22,7 +21,7 @@ from abot import registry
 from abot.adapters.dora import dora
 from abot.adapters.lora import lora
 from abot.adapters.tree import attach, merge
-from abot.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from abot.checkpoint import latest_checkpoint, load_checkpoint
 from abot.config import ConfigError, config_from_dict
 from abot.errors import AbotError
 from abot.memory import estimate_memory, measure_step_peak
@@ -31,6 +30,7 @@ from abot.restore import base_identity, check_base_fits, open_checkpoint
 from abot.run import build_step, trainable
 from abot.stage import STAGES, random_batch
 from abot.step import init_state
+from kill_resume import assert_bit_identical, run_then_kill
 
 ROOT = Path(__file__).resolve().parent.parent
 QWEN2 = ROOT / "tests" / "fixtures" / "hf" / "qwen2"
@@ -293,37 +293,7 @@ def abot_popen(*args, cwd):
                             text=True, cwd=cwd, env={**os.environ, "COLUMNS": "400"})
 
 
-def wait_for(predicate, proc, what, timeout=120.0):
-    """Poll `predicate` every 10 ms until it holds; fail if `proc` exits first or `timeout` passes."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if proc.poll() is not None:
-            raise AssertionError(f"the run exited ({proc.returncode}) before {what}:\n{proc.stdout.read()[-3000:]}")
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
-
-
-def assert_bit_identical(got, want, what):
-    """Same leaves, dtypes, shapes and values bit for bit (test_resume.py's comparison)."""
-    got, want = dict(tree_flatten(got)), dict(tree_flatten(want))
-    assert list(got) == list(want), f"{what}: different leaves"
-    for name, w in want.items():
-        g = got[name]
-        assert g.dtype == w.dtype and g.shape == w.shape, f"{what}.{name}: {g.dtype}{g.shape} vs {w.dtype}{w.shape}"
-        if g.dtype == mx.bfloat16:  # compare the bits
-            g, w = mx.view(g, mx.uint16), mx.view(w, mx.uint16)
-        assert np.array_equal(np.array(g), np.array(w)), f"{what}.{name} differs after resume"
-
-
 KILL_TOTAL = 120  # steps of ~40 ms: the kill, soon after the step-20/40 checkpoint, lands mid-run
-
-
-def pointed_step(save_dir: Path) -> int:
-    """The step of the checkpoint the `latest` pointer names (-1 before there is one): the pointer is written
-    after the checkpoint file, and a kill between the two leaves the previous one the newest."""
-    pointer = save_dir / "latest"
-    name = pointer.read_text().strip() if pointer.exists() else ""
-    return int(name[len("step_"):-len(".ckpt")]) if name.startswith("step_") and name.endswith(".ckpt") else -1
 
 
 @pytest.mark.slow
@@ -338,24 +308,9 @@ def test_lora_sft_killed_with_sigkill_then_resumed_ends_bit_identical(tmp_path):
     rng = random.Random(seed)
     kill_after, delay = rng.choice([20, 40]), rng.uniform(0.0, 0.05)
     # The uninterrupted run first; the other starts once the first has a checkpoint, its kernels in MLX's cache.
-    reference = abot_popen("sft", yaml, *steps, "train.save_dir=whole", cwd=tmp_path)
-    proc = None
-    try:
-        wait_for(lambda: list_checkpoints(tmp_path / "whole"), reference, "the reference run's first checkpoint")
-        proc = abot_popen("sft", yaml, *steps, "train.save_dir=killed", cwd=tmp_path)
-        wait_for(lambda: pointed_step(tmp_path / "killed") >= kill_after, proc, f"the checkpoint of step {kill_after}")
-        time.sleep(delay)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-        reference_output = reference.communicate(timeout=300)[0]
-    finally:
-        for p in (proc, reference):
-            if p is not None and p.poll() is None:
-                p.kill()
-            if p is not None:
-                p.communicate()
-    assert reference.returncode == 0, reference_output[-3000:]
-    assert proc.returncode == -signal.SIGKILL, f"the run finished before the kill (delay {delay:.3f} s, seed {seed})"
+    code = run_then_kill(lambda run: abot_popen("sft", yaml, *steps, f"train.save_dir={run.name}", cwd=tmp_path),
+                         tmp_path / "whole", tmp_path / "killed", kill_after, delay)
+    assert code == -signal.SIGKILL, f"the run finished before the kill (delay {delay:.3f} s, seed {seed})"
     killed_at = load_checkpoint(latest_checkpoint(tmp_path / "killed")).step
     assert kill_after <= killed_at < KILL_TOTAL, f"checkpoint {killed_at} (delay {delay:.3f} s, seed {seed})"
 

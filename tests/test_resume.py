@@ -21,8 +21,7 @@ from mlx.utils import tree_flatten
 
 import abot  # noqa: F401  (before mlx.core)
 from abot.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
-
-import mlx.core as mx  # noqa: E402
+from kill_resume import assert_bit_identical, run_then_kill, wait_for  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -56,31 +55,6 @@ def tokenizer(tmp_path_factory):
 
 def run_args(tokenizer, save_dir, *extra):
     return ["train", TINY, *MODEL, f"train.tokenizer_path={tokenizer}", f"train.save_dir={save_dir}", *extra]
-
-
-def wait_for(predicate, proc, what, timeout=120.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if proc.poll() is not None:
-            raise AssertionError(f"the run exited ({proc.returncode}) before {what}:\n{proc.stdout.read()}")
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-
-
-def leaves(tree) -> dict:
-    return dict(tree_flatten(tree))
-
-
-def assert_identical(got, want, what):
-    got, want = leaves(got), leaves(want)
-    assert list(got) == list(want), f"{what}: different leaves"
-    for name, w in want.items():
-        g = got[name]
-        assert g.dtype == w.dtype and g.shape == w.shape, f"{what}.{name}: {g.dtype}{g.shape} vs {w.dtype}{w.shape}"
-        if g.dtype == mx.bfloat16:  # compare the bits
-            g, w = mx.view(g, mx.uint16), mx.view(w, mx.uint16)
-        same = np.array_equal(np.array(g), np.array(w))
-        assert same, f"{what}.{name} differs after resume"
 
 
 def events(save_dir) -> list[dict]:
@@ -131,25 +105,9 @@ def test_sigkill_then_resume_is_bit_identical(tokenizer, tmp_path, data):
     # The uninterrupted run goes first; the other starts once it has a checkpoint, so its train step's
     # kernels are in MLX's JIT cache: two processes compiling the same kernel at once can trip over each
     # other's half-written files in /tmp/mlx. Evaluation only at the end (compiled by one process at a time).
-    reference = popen(*run_args(tokenizer, whole, *steps), cwd=tmp_path)
-    proc = None
-    try:
-        wait_for(lambda: list_checkpoints(whole), reference, "the reference run's first checkpoint")
-        proc = popen(*run_args(tokenizer, killed, *steps), cwd=tmp_path)
-        wait_for(lambda: [s for s, _ in list_checkpoints(killed) if s >= kill_after], proc,
-                 f"the checkpoint of step {kill_after}")
-        time.sleep(delay)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-        reference_output = reference.communicate(timeout=300)[0]
-    finally:
-        for p in (proc, reference):
-            if p is not None and p.poll() is None:
-                p.kill()
-            if p is not None:
-                p.communicate()
-    assert reference.returncode == 0, reference_output
-    assert proc.returncode == -signal.SIGKILL, f"the run finished before the kill (delay {delay:.2f} s, seed {seed})"
+    code = run_then_kill(lambda run: popen(*run_args(tokenizer, run, *steps), cwd=tmp_path), whole, killed,
+                         kill_after, delay)
+    assert code == -signal.SIGKILL, f"the run finished before the kill (delay {delay:.2f} s, seed {seed})"
     killed_at = load_checkpoint(latest_checkpoint(killed)).step
     assert kill_after <= killed_at < TOTAL, f"checkpoint {killed_at} (delay {delay:.2f} s, seed {seed})"
 
@@ -161,9 +119,9 @@ def test_sigkill_then_resume_is_bit_identical(tokenizer, tmp_path, data):
     a, b = load_checkpoint(whole / f"step_{TOTAL:08d}.ckpt"), load_checkpoint(killed / f"step_{TOTAL:08d}.ckpt")
     why = f"(killed {delay:.2f} s after step {kill_after}, resumed from step {killed_at}; random seed {seed})"
     assert a.step == b.step == TOTAL
-    assert_identical(b.trees["state"]["params"], a.trees["state"]["params"], f"params {why}")
-    assert_identical(b.trees["state"]["opt_state"], a.trees["state"]["opt_state"], f"opt_state {why}")
-    assert_identical(b.trees["state"], a.trees["state"], f"state {why}")  # key, loss scale, good steps too
+    assert_bit_identical(b.trees["state"]["params"], a.trees["state"]["params"], f"params {why}")
+    assert_bit_identical(b.trees["state"]["opt_state"], a.trees["state"]["opt_state"], f"opt_state {why}")
+    assert_bit_identical(b.trees["state"], a.trees["state"], f"state {why}")  # key, loss scale, good steps too
     assert b.meta["data_state"] == a.meta["data_state"]
     if data == "small_json":
         assert a.meta["data_state"]["epoch"] >= 2, a.meta["data_state"]  # the runs did cross epochs
@@ -255,5 +213,5 @@ def test_nonfinite_loss_stops_with_the_last_good_state(tokenizer, tmp_path):
         assert np.isfinite(np.array(leaf)).all(), f"{name} is not finite in the saved state"
     if final - 3 >= 1:  # the skipped steps changed neither the weights nor the optimizer state
         good = load_checkpoint(run / f"step_{final - 3:08d}.ckpt").trees["state"]
-        assert_identical(last.trees["state"]["params"], good["params"], "params")
-        assert_identical(last.trees["state"]["opt_state"], good["opt_state"], "opt_state")
+        assert_bit_identical(last.trees["state"]["params"], good["params"], "params")
+        assert_bit_identical(last.trees["state"]["opt_state"], good["opt_state"], "opt_state")
