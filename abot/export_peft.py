@@ -15,7 +15,7 @@ from typing import Callable
 
 import mlx.core as mx
 
-from abot.config import ADAPTER_TARGETS
+from abot.config_rules import ADAPTER_TARGETS
 from abot.errors import AbotError
 from abot.models import hf
 from abot.restore import Opened

@@ -13,7 +13,8 @@ from typing import Any
 import mlx.core as mx
 
 from abot.adapters.kind import AdapterKind
-from abot.config import ADAPTER_TARGETS, AdapterConfig
+from abot.config import AdapterConfig
+from abot.config_rules import ADAPTER_TARGETS
 from abot.errors import AbotError
 from abot.models.roles import OTHER
 from abot.ops.linear import dequantize, is_quantized, quantize

@@ -49,6 +49,6 @@ def rope_periods(head_dim: int, theta: float, scaling: dict | None) -> mx.array 
     if scaling is None:
         return None
     options = {k: v for k, v in scaling.items() if k != "rope_type"}
-    if scaling.get("rope_type") != "llama3":  # config.rope_scaling_problems refuses these earlier
+    if scaling.get("rope_type") != "llama3":  # config_rules.rope_scaling_problems refuses these earlier
         raise ValueError(f"model.rope_scaling: rope_type {scaling.get('rope_type')!r} is not supported (llama3)")
     return mx.array([1.0 / f for f in llama3_inverse_frequencies(head_dim, theta, **options)], dtype=mx.float32)
