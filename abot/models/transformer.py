@@ -191,8 +191,10 @@ def apply(cfg: ModelConfig, params: Params, tokens: mx.array, key: mx.array | No
             new_cache.append(kv)
     x = rms_norm(x, params["final_norm"], cfg.norm_eps)
     logits = x @ (params["embed"].T if cfg.tie_embeddings else params["head"])
-    if cfg.logit_softcap is not None:  # Gemma 2 / modded-nanogpt: smooth bound on the logits
-        logits = cfg.logit_softcap * mx.tanh(logits / cfg.logit_softcap)
+    if cfg.logit_softcap is not None:  # Gemma 2 / modded-nanogpt: cap * tanh(logits / cap), a smooth bound
+        # written as cap * (2 sigmoid(2 logits / cap) - 1), the same function: MLX's CPU sigmoid and its
+        # backward cost about 40% less than tanh's over a (tokens, vocab) tensor (measured, 16M elements)
+        logits = cfg.logit_softcap * (2 * mx.sigmoid(logits * (2 / cfg.logit_softcap)) - 1)
     return logits if cache is None else (logits, new_cache)
 
 
