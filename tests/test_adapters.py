@@ -24,6 +24,7 @@ from abot.adapters.tree import attach, merge
 from abot.checkpoint import latest_checkpoint, load_checkpoint
 from abot.config import ConfigError, config_from_dict
 from abot.errors import AbotError
+from abot.export_peft import peft_config, peft_tensors
 from abot.memory import estimate_memory, measure_step_peak
 from abot.ops.linear import dequantize, linear, quantize
 from abot.restore import base_identity, check_base_fits, open_checkpoint
@@ -93,6 +94,29 @@ def test_dora_forward_is_the_papers_formula_on_a_small_matrix():
     assert np.abs(np.array(got) - want).max() < 1e-4
     merged = kind.merge(mx.array(w, dtype=mx.float32), adapter)
     assert np.abs(np.array(mx.array(x, dtype=mx.float32) @ merged) - want).max() < 1e-4
+
+
+def test_dora_peft_tensors_merge_by_pefts_formula_to_abots_merged_weight():
+    """PEFT's DoRA merge in its (out, in) layout, W' = m / ||W + s B A||_(dim=1) * (W + s B A), from the exported
+    tensors, equals abot's merged (in, out) weight transposed; the config says use_dora."""
+    rng = np.random.RandomState(4)
+    w = rng.randn(6, 5).astype(np.float32)  # abot (in, out)
+    adapter = {"lora_a": mx.array(rng.randn(6, 2), dtype=mx.float32),
+               "lora_b": mx.array(rng.randn(2, 5), dtype=mx.float32),
+               "magnitude": mx.array(rng.rand(5) + 0.5, dtype=mx.float32)}
+    tensors = peft_tensors({"blocks": [{"wq": adapter}]})
+    module = "base_model.model.model.layers.0.self_attn.q_proj"
+    assert sorted(tensors) == [f"{module}.lora_A.weight", f"{module}.lora_B.weight", f"{module}.lora_magnitude_vector"]
+    a, b, m = (np.array(tensors[f"{module}.{k}"]) for k in ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector"))
+    v = w.T + 2.0 * b @ a  # scaling = lora_alpha / r = 4 / 2
+    want = m[:, None] * v / np.linalg.norm(v, axis=1, keepdims=True)
+    got = np.array(dora(rank=2, alpha=4.0).merge(mx.array(w), adapter)).T
+    assert np.abs(got - want).max() < 1e-5
+    cfg = config_from_dict({"model": {"vocab_size": 64, "n_layers": 1, "d_model": 32, "n_heads": 2},
+                            "data": {"seq_len": 16}, "train": {"init_from": "base"},
+                            "adapter": {"kind": "dora", "rank": 2, "alpha": 4.0}})
+    config = peft_config(cfg, "base")
+    assert config["use_dora"] is True and config["peft_type"] == "LORA" and config["lora_alpha"] == 4.0
 
 
 def test_dora_at_init_gives_the_base_logits():
