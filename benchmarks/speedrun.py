@@ -21,8 +21,10 @@ What it fixes, for every run alike:
   the mean next-token cross-entropy over the eval windows in float32 (abot's `next_token` loss; the PyTorch
   model's is the same formula, and tests/test_speedrun.py checks that both give the same loss for the same
   weights).
-- A quiet machine: each run records the load average before it and the script warns when it exceeds the
-  core count (PyTorch's spinning OpenMP threads lose 3-4x on a busy 2-core machine, MLX less).
+- A quiet machine: each run records the share of the machine's CPU time that other processes took while it
+  ran (Linux: /proc/stat's busy time less the run's own) and the script warns above 5%: PyTorch's OpenMP
+  threads lost 2-3x of their steps to a niced test suite on the other core, MLX less. (The load average
+  cannot tell: the previous run's own threads keep it near 2 for a minute after.)
 
 The recipes, in order: PyTorch AdamW and PyTorch's own `torch.optim.Muon` (blocks' matrices; AdamW on the rest),
 each with its lr swept; abot adamw (lr swept) and abot muon_adamw (lr, then `adamw_lr_scale`, swept); on the
@@ -43,6 +45,7 @@ import importlib.util
 import json
 import math
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -62,6 +65,7 @@ SIZES = {  # (d_model, n_layers, n_heads, seq_len, batch)
 WARMUP_FRACTION, DECAY_FRACTION, MIN_LR_FRACTION = 0.05, 0.2, 0.1
 SCHEDULE_GRID = 1000  # the wsd schedule's steps, laid over the clock
 WEIGHT_DECAY = 0.02
+QUIET = 0.05  # the most CPU share other processes may take during a run before the script warns
 ARCH_OPTIONS = {  # abot's speedrun model keys (README "Configuration"), each tried alone
     "relu2": {"ffn_activation": "relu2"},
     "qk_norm": {"qk_norm": True},
@@ -286,17 +290,42 @@ def torch_run(recipe: Recipe, setup: Setup) -> dict:
     return {**train_for_budget(step, evaluate, setup, recipe.lr), "threads": torch.get_num_threads()}
 
 
+def busy_cpu_seconds() -> float | None:
+    """CPU seconds every process on the machine has spent busy since boot (Linux's /proc/stat), else None."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # user..steal; guest time is inside user
+
+
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def others_share(busy_before: float | None, busy_after: float | None, own_cpu_s: float, wall_s: float) -> float | None:
+    """The fraction of the machine's CPU time (all cores over `wall_s`) that processes other than the run took."""
+    if busy_before is None or busy_after is None or wall_s <= 0:
+        return None
+    return max(0.0, busy_after - busy_before - own_cpu_s) / (wall_s * (os.cpu_count() or 1))
+
+
 def run_in_child(recipe: Recipe, setup: Setup) -> dict:
     """One run in a fresh process (MLX fixes its evaluation order at its first evaluation; PyTorch never shares
-    a process with abot's tuning); its result, or {"error": ...} when the process failed."""
+    a process with abot's tuning); its result, or {"error": ...} when the process failed. `others_cpu` is the
+    share of the machine that other processes took meanwhile (None where /proc/stat is missing)."""
     job = json.dumps({"recipe": asdict(recipe), "setup": asdict(setup)})
-    t0, load = time.perf_counter(), os.getloadavg()[0]  # a busy machine slows PyTorch's spinning threads most
+    t0, busy0, own0 = time.perf_counter(), busy_cpu_seconds(), children_cpu_seconds()
     out = subprocess.run([sys.executable, __file__, "--child", job], capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    seen = {"process_s": wall, "others_cpu": others_share(busy0, busy_cpu_seconds(), children_cpu_seconds() - own0,
+                                                          wall)}
     if out.returncode != 0:
         return {"error": out.stderr.strip().splitlines()[-1:] or ["exit status " + str(out.returncode)],
-                "final_loss": math.inf, "evals": [], "process_s": time.perf_counter() - t0, "load_before": load}
-    return {**json.loads(out.stdout.strip().splitlines()[-1]), "process_s": time.perf_counter() - t0,
-            "load_before": load}
+                "final_loss": math.inf, "evals": [], **seen}
+    return {**json.loads(out.stdout.strip().splitlines()[-1]), **seen}
 
 
 def child_main(job: str) -> None:
@@ -327,9 +356,10 @@ class Runner:
             print(f"  {recipe.label()} ...", end="", flush=True)
             self.runs[recipe] = run_in_child(recipe, self.setup)
             r = self.runs[recipe]
-            busy = r.get("load_before", 0.0) > (os.cpu_count() or 1)
+            busy = (r.get("others_cpu") or 0.0) > QUIET
             print(f" final held-out loss {score(r):.3f} after {r.get('steps', 0)} steps"
-                  + (f"  (load average {r['load_before']:.1f} before it: the machine was busy)" if busy else "")
+                  + (f"  (other processes took {r['others_cpu']:.0%} of the CPUs meanwhile: not a quiet machine)"
+                     if busy else "")
                   + (f"  FAILED: {r['error']}" if "error" in r else ""), flush=True)
             self.save()
         return self.runs[recipe]
@@ -397,6 +427,12 @@ def best_abot(rows: dict, results: dict, target: float) -> str:
     return min(abot_rows, key=lambda n: score(results[n]))
 
 
+def fmt_share(result: dict) -> str:
+    """The CPU share other processes took during a run, flagged above QUIET; '-' where it was not measured."""
+    share = result.get("others_cpu")
+    return "-" if share is None else f"{share:.0%}" + (" (busy)" if share > QUIET else "")
+
+
 def fmt_time(t: float | None) -> str:
     return "never" if t is None else f"{t:.0f} s" if t >= 10 else f"{t:.1f} s"
 
@@ -408,12 +444,12 @@ def results_table(report: dict) -> list[str]:
     ref_time = time_to(results[ref], target)
     lines = [f"Target: {target:.3f}, the final held-out loss of {ref} ({Recipe(**_as_tuples(rows[ref])).label()}).",
              "", "| recipe | settings | steps | tokens | final held-out loss | reaches the target at "
-             "| vs the reference |", "|---|---|---|---|---|---|---|"]
+             "| vs the reference | others' CPU |", "|---|---|---|---|---|---|---|---|"]
     for name, recipe in rows.items():
         r, t = results[name], time_to(results[name], target)
         ratio = f"{t / ref_time:.2f}x" if t is not None and ref_time else "-"
         lines.append(f"| {name} | {Recipe(**_as_tuples(recipe)).label()} | {r.get('steps', 0):,} | "
-                     f"{r.get('tokens', 0):,} | {score(r):.3f} | {fmt_time(t)} | {ratio} |")
+                     f"{r.get('tokens', 0):,} | {score(r):.3f} | {fmt_time(t)} | {ratio} | {fmt_share(r)} |")
     best = best_abot(rows, results, target)
     t = time_to(results[best], target)
     verdict = (f"{t / ref_time:.2f}x the reference's wall-clock (issue 23's target: <= 0.60x)" if t is not None

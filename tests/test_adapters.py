@@ -308,8 +308,12 @@ def test_qlora_resume_is_bit_exact_and_a_different_base_is_refused(tmp_path):
     mx.save_safetensors(str(other / "model.safetensors"), weights)
     out = subprocess.run([sys.executable, "-m", "abot", "sft", yaml, *COMMON, *whole, "train.total_steps=30",
                           "train.save_dir=parts", f"train.init_from={other}", "--resume"], capture_output=True,
-                         text=True, cwd=tmp_path, timeout=600, env={**__import__("os").environ, "COLUMNS": "400"})
+                         text=True, cwd=tmp_path, timeout=600, env={**os.environ, "COLUMNS": "400"})
     assert out.returncode == 2 and "the adapters were trained on a different base model" in out.stdout, out.stdout
+    out = subprocess.run([sys.executable, "-m", "abot", "export", "parts", "--out", "peft"], capture_output=True,
+                         text=True, cwd=tmp_path, timeout=600, env={**os.environ, "COLUMNS": "400"})
+    assert out.returncode != 0 and "8-bit quantized base" in out.stdout + out.stderr and "--merge" in out.stdout
+    assert not (tmp_path / "peft" / "adapter_model.safetensors").exists()
 
 
 def abot_popen(*args, cwd):

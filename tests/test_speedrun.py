@@ -4,6 +4,7 @@ edge rule, the report, and that abot and the PyTorch reference score the same we
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -140,3 +141,20 @@ def test_abot_and_the_pytorch_reference_score_the_same_weights_alike():
     torch_loss = ref.next_token_loss(theirs, torch.from_numpy(tokens), 2, 4, cos, sin).item()
     abot_loss = next_token(model, params, mx.array(tokens.astype(np.int32)), None)[0].item()
     assert torch_loss == pytest.approx(abot_loss, abs=1e-4)
+
+
+def test_others_share_is_the_busy_time_the_run_did_not_spend(monkeypatch):
+    """(machine busy seconds - the run's own CPU seconds) / (wall seconds x cores), never below zero."""
+    monkeypatch.setattr(speedrun.os, "cpu_count", lambda: 2)
+    assert speedrun.others_share(100.0, 103.0, 2.0, 1.0) == pytest.approx(0.5)
+    assert speedrun.others_share(100.0, 101.0, 1.2, 1.0) == 0.0  # clock ticks round; never negative
+    assert speedrun.others_share(None, 101.0, 1.0, 1.0) is None
+    assert speedrun.fmt_share({"others_cpu": 0.2}) == "20% (busy)" and speedrun.fmt_share({}) == "-"
+
+
+@pytest.mark.skipif(not Path("/proc/stat").is_file(), reason="Linux's /proc/stat")
+def test_busy_cpu_seconds_counts_this_process_spinning():
+    before, t0 = speedrun.busy_cpu_seconds(), time.process_time()
+    while time.process_time() - t0 < 0.3:
+        pass
+    assert speedrun.busy_cpu_seconds() - before >= 0.25
