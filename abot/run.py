@@ -24,7 +24,8 @@ from abot.platform.lanes import parallel_lanes
 from abot.restore import (Opened, base_identity, check_no_damaged_checkpoints, check_resumable, load_init_params,
                           open_checkpoint)
 from abot.stage import Stage, StageData, check_stage, make_stage_eval, stage_data, stage_loss
-from abot.step import DTYPES, checkpoint_state, init_state, make_train_step, step_state, update_layout
+from abot.step import DTYPES, init_state, make_train_step
+from abot.update import checkpoint_state, step_state, update_layout
 
 
 def decide_lanes(train: TrainConfig, world_size: int = 1, max_lanes: int | None = None) -> int:
@@ -48,7 +49,7 @@ class StepParts:
     step: Callable  # (state, batch, lr) -> (state, metrics), compiled; with adapters (state, batch, lr, frozen)
     adapter: Any = None  # the adapter kind (abot.adapters.kind.AdapterKind); None: full fine-tuning
     combine: Callable | None = None  # (frozen, adapters, key) -> the tree the model sees, with adapters
-    layout: Callable | None = None  # params -> the flat update's layout (abot.step.update_layout); None: per leaf
+    layout: Callable | None = None  # params -> the flat update's layout (abot.update.update_layout); None: per leaf
 
     def step_state(self, state: dict) -> dict:
         """A per-tensor training state (fresh, or a checkpoint's) in the form the step carries between steps."""

@@ -13,10 +13,10 @@ from typing import Any, Callable
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_map, tree_reduce
+from mlx.utils import tree_flatten, tree_map
 
-from abot.optim.base import Optimizer, leaf_streams
-from abot.optim.flat import Layout, flat_opt_state, flatten, layout_of, tree_opt_state, unflatten
+from abot.optim.base import Optimizer
+from abot.update import guarded_flat_update, guarded_update, update_layout
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 # float16 dynamic loss scaling (as in mixed-precision training, Micikevicius et al. 2018):
@@ -31,81 +31,6 @@ def init_state(params, optimizer: Optimizer, key: mx.array, precision: str = "fl
     scale = INITIAL_LOSS_SCALE if precision == "float16" else 1.0
     return {"params": params, "opt_state": optimizer.init(params), "key": key,
             "loss_scale": mx.array(scale, dtype=mx.float32), "good_steps": mx.array(0, dtype=mx.int32)}
-
-
-def global_norm(tree) -> mx.array:
-    return mx.sqrt(tree_reduce(lambda acc, g: acc + mx.sum(mx.square(g.astype(mx.float32))), tree, mx.array(0.0)))
-
-
-def buffers_global_norm(buffers, row: int = 4096) -> mx.array:
-    """`global_norm` of a few long flat buffers, each summed in rows of `row` and then across the rows.
-
-    MLX's CPU sum runs one float32 total along the array: over a whole model's gradients the small terms are
-    lost to a large total (a 2-layer model's norm was 5e-5 off where per-tensor sums were 3e-6 off)."""
-    total = mx.array(0.0)
-    for x in tree_flatten(buffers):
-        x = x[1].reshape(-1)
-        whole = x.size - x.size % row
-        total = total + mx.sum(mx.square(x[whole:]))
-        if whole:
-            total = total + mx.sum(mx.sum(mx.square(x[:whole]).reshape(-1, row), axis=1))
-    return mx.sqrt(total)
-
-
-def clip_by_global_norm(grads, norm: mx.array, max_norm: float):
-    """Scale gradients so their global norm is at most `max_norm`; max_norm <= 0 leaves them untouched."""
-    if max_norm <= 0:
-        return grads
-    factor = mx.minimum(1.0, max_norm / (norm + 1e-6))
-    return tree_map(lambda g: g * factor, grads)
-
-
-def update_layout(optimizer: Optimizer, lanes: int = 1, flat_update: bool = True) -> Callable | None:
-    """`params -> Layout` of the flat update (abot.optim.flat), one buffer per lane and kind of leaf; None when
-    the step updates leaf by leaf (`flat_update` off, or an optimizer not declared elementwise)."""
-    if not (flat_update and optimizer.elementwise):
-        return None
-    return lambda params: layout_of(params, parts=max(1, lanes))
-
-
-def step_state(state: dict, layout: Callable | None) -> dict:
-    """`state` in the form the step built with `layout` carries from step to step: moments as flat buffers.
-
-    The step takes a per-tensor state too, flattening it inside (and compiling once more for it)."""
-    if layout is None:
-        return state
-    return {**state, "opt_state": flat_opt_state(state["opt_state"], layout(state["params"]))}
-
-
-def checkpoint_state(state: dict, layout: Callable | None) -> dict:
-    """`state` with a per-tensor optimizer state, the form a checkpoint holds whichever update wrote it."""
-    if layout is None:
-        return state
-    return {**state, "opt_state": tree_opt_state(state["opt_state"], layout(state["params"]))}
-
-
-def guarded_update(optimizer: Optimizer, grads, params, opt_state, lr: mx.array, loss: mx.array,
-                   max_grad_norm: float, streams: list, norm_of: Callable = global_norm):
-    """Clip, update and the non-finite guard over whatever trees it is given -> (params, opt_state, norm, finite).
-
-    A non-finite loss or gradient skips the update: params and optimizer state stay as they were."""
-    norm = norm_of(grads)
-    finite = mx.isfinite(norm) & mx.isfinite(loss)
-    grads = clip_by_global_norm(grads, norm, max_grad_norm)
-    with leaf_streams(streams):  # with lanes, the update's leaves are spread over their streams too
-        new_params, new_opt = optimizer.update(grads, opt_state, params, lr)
-    keep = lambda new, old: mx.where(finite, new, old)  # noqa: E731
-    return tree_map(keep, new_params, params), tree_map(keep, new_opt, opt_state), norm, finite
-
-
-def guarded_flat_update(layout: Layout, optimizer: Optimizer, grads, params, opt_state, lr: mx.array,
-                        loss: mx.array, max_grad_norm: float, streams: list):
-    """`guarded_update` on the layout's buffers: gradients and parameters flattened once (a concatenate per
-    buffer), the norm, clip, update and guard a few whole-buffer kernels, the new parameters views again."""
-    new_params, new_opt, norm, finite = guarded_update(
-        optimizer, flatten(grads, layout), flatten(params, layout), flat_opt_state(opt_state, layout), lr, loss,
-        max_grad_norm, streams, buffers_global_norm)
-    return unflatten(new_params, layout), new_opt, norm, finite
 
 
 def new_streams(lanes: int) -> list:
@@ -183,8 +108,8 @@ def make_train_step(model, loss_fn: Callable, optimizer: Optimizer, *, grad_accu
     `abot.platform.lanes.parallel_lanes`: MLX runs a stream's elementwise kernels on one core).
     With `combine(frozen, params, key) -> model params` (adapters: abot.adapters.tree.attach) it is `step(state,
     batch, lr, frozen)`: `frozen` (the base) gets no gradient, no optimizer state and is never returned.
-    With `flat_update` and an elementwise optimizer the update runs on a few flat buffers (`update_layout`), and
-    the state carries the moments flat between steps (`step_state`, `checkpoint_state`).
+    With `flat_update` and an elementwise optimizer the update runs on a few flat buffers (abot.update), and
+    the state carries the moments flat between steps (`abot.update.step_state`, `checkpoint_state`).
     """
     compute_dtype = DTYPES[precision]
     dynamic_scaling = precision == "float16"

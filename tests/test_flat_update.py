@@ -21,7 +21,8 @@ from abot.optim.base import Optimizer
 from abot.optim.flat import flat_opt_state, flatten, layout_of, tree_opt_state, unflatten
 from abot.optim.muon_adamw import muon_adamw
 from abot.optim.sgd import sgd
-from abot.step import checkpoint_state, init_state, make_train_step, step_state, update_layout
+from abot.step import init_state, make_train_step
+from abot.update import checkpoint_state, step_state, update_layout
 from kill_resume import assert_bit_identical
 
 # 1-D norm gains (never decayed) beside 2-D matrices (decayed): the decay split matters.
@@ -91,10 +92,26 @@ def test_optimizer_state_converts_to_flat_and_back():
     assert_bit_identical(tree_opt_state(state, layout), state, "opt_state (already per tensor)")
 
 
+def test_update_layout_cuts_each_kind_into_lanes_and_bounded_buffers(monkeypatch):
+    params = MODEL.init(mx.random.key(0))
+    total = sum(v.size for _, v in tree_flatten(params))
+    assert update_layout(adamw(), lanes=1, flat_update=False) is None
+    one = update_layout(adamw(), lanes=1)(params)
+    assert [g.decayed for g in one.groups] == [True, False]  # a small model: one buffer per kind
+    assert len(update_layout(adamw(), lanes=2)(params).groups) == 4
+    monkeypatch.setattr("abot.update.MIN_BUFFER", 1)
+    many = update_layout(adamw(), lanes=1)(params)
+    biggest = max(v.size for _, v in tree_flatten(params))
+    assert len(many.groups) > 8 and all(g.size <= max(total // 8, biggest) for g in many.groups)
+
+
 @pytest.mark.parametrize("name", OPTIMIZERS)
-@pytest.mark.parametrize("lanes", [1, 2])
-def test_flat_update_trains_exactly_as_the_per_leaf_one(name, lanes):
-    """Without clipping the update is the same elementwise arithmetic on the same values: bit for bit."""
+@pytest.mark.parametrize("lanes,buffers", [(1, "few"), (2, "few"), (2, "many")])
+def test_flat_update_trains_exactly_as_the_per_leaf_one(name, lanes, buffers, monkeypatch):
+    """Without clipping the update is the same elementwise arithmetic on the same values: bit for bit, with one
+    buffer per kind of leaf and lane or with each kind cut into eight (updated a stream's buffer at a time)."""
+    if buffers == "many":
+        monkeypatch.setattr("abot.update.MIN_BUFFER", 1)
     optimizer = OPTIMIZERS[name]()
     per_leaf = train(optimizer, False, 3, lanes=lanes)
     flat = train(optimizer, True, 3, lanes=lanes)

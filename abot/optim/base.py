@@ -6,7 +6,7 @@ from typing import Any, Callable, NamedTuple
 
 import mlx.core as mx
 
-from abot.optim.placement import leaf_streams  # noqa: F401  (abot.step enters it around an update)
+from abot.optim.placement import leaf_streams  # noqa: F401  (abot.update enters it around an update)
 
 Tree = Any  # nested dicts / lists of mx.array
 

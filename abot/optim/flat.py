@@ -62,28 +62,32 @@ def _group(name: str, decayed: bool, members: list[tuple[str, mx.array]]) -> Gro
     return Group(name, decayed, tuple(slots), start)
 
 
-def layout_of(tree: Tree, parts: int = 1) -> Layout:
+def layout_of(tree: Tree, parts: int = 1, max_size: int | None = None) -> Layout:
     """The layout of `tree` (from its shapes, dtypes and paths only: nothing is computed), each kind of leaf
-    in up to `parts` buffers."""
+    in `parts` buffers or more, so that a buffer holds about `max_size` elements at most (a leaf is never cut)."""
     kinds: dict[tuple[str, bool], list[tuple[str, mx.array]]] = {}
     for path, leaf in tree_flatten(tree):
         kinds.setdefault((str(leaf.dtype).rsplit(".", 1)[-1], is_decayed(leaf)), []).append((path, leaf))
     groups = []
     for (dtype, decayed), members in kinds.items():
-        bounds = [0, *_even_cuts([leaf.size for _, leaf in members], max(1, parts)), len(members)]
+        sizes = [leaf.size for _, leaf in members]
+        count = max(parts, 1, -(-sum(sizes) // max_size) if max_size else 1)
+        bounds = [0, *_even_cuts(sizes, count), len(members)]
         for i, (a, b) in enumerate(zip(bounds, bounds[1:])):
             groups.append(_group(f"{dtype}_{'decayed' if decayed else 'kept'}_{i}", decayed, members[a:b]))
     return Layout(tuple(groups), tree_map_with_path(lambda path, _: path, tree))
 
 
+def group_buffer(leaves: list[mx.array], group: Group) -> mx.array:
+    """One group's buffer from its leaves, in the group's order: one `concatenate`."""
+    flat = mx.concatenate([leaf.reshape(-1) for leaf in leaves])
+    return flat.reshape(1, group.size) if group.decayed else flat
+
+
 def flatten(tree: Tree, layout: Layout) -> dict[str, mx.array]:
-    """{group name: buffer}: each group's leaves concatenated, one `concatenate` per group."""
+    """{group name: buffer}: each group's leaves concatenated."""
     leaves = dict(tree_flatten(tree))
-    buffers = {}
-    for g in layout.groups:
-        flat = mx.concatenate([leaves[s.path].reshape(-1) for s in g.slots])
-        buffers[g.name] = flat.reshape(1, g.size) if g.decayed else flat
-    return buffers
+    return {g.name: group_buffer([leaves[s.path] for s in g.slots], g) for g in layout.groups}
 
 
 def unflatten(buffers: dict[str, mx.array], layout: Layout) -> Tree:
@@ -122,9 +126,27 @@ def flat_opt_state(opt_state: Tree, layout: Layout) -> Tree:
     return _convert_shaped(opt_state, signature, lambda tree: flatten(tree, layout))
 
 
+def _flat_signature(layout: Layout) -> list:
+    return [(g.name, (1, g.size) if g.decayed else (g.size,)) for g in layout.groups]
+
+
 def tree_opt_state(opt_state: Tree, layout: Layout) -> Tree:
     """The per-tensor optimizer state (the one a checkpoint holds) of a flat one; a per-tensor state comes
     back unchanged."""
-    signature = [(g.name, (1, g.size) if g.decayed else (g.size,)) for g in layout.groups]
-    return _convert_shaped(opt_state, signature, lambda buffers: unflatten(buffers, layout))
+    return _convert_shaped(opt_state, _flat_signature(layout), lambda buffers: unflatten(buffers, layout))
+
+
+def buffer_opt_state(opt_state: Tree, layout: Layout, name: str) -> Tree:
+    """A flat optimizer state cut down to one buffer's: each flat subtree as {name: its buffer}, the rest as
+    it is."""
+    return _convert_shaped(opt_state, _flat_signature(layout), lambda buffers: {name: buffers[name]})
+
+
+def merge_opt_states(opt_state: Tree, parts: list[Tree]) -> Tree:
+    """The states of single buffers (`buffer_opt_state` after an update) as one state shaped like `opt_state`;
+    a leaf that is no buffer's (a step count, the same in every part) is the last part's."""
+    found = {}
+    for part in parts:
+        found.update(tree_flatten(part))
+    return tree_map_with_path(lambda path, _: found[path], opt_state)
 
