@@ -20,8 +20,8 @@ from abot.optim.flat import (Layout, buffer_opt_state, flat_opt_state, flatten, 
 
 # A kind of leaf is cut into buffers of at most 1/FLAT_BUFFERS of the parameters (not under MIN_BUFFER
 # elements, and never inside a leaf): what the flat update holds beyond its outputs is a buffer's temporaries
-# per stream. One buffer per kind held them all at once (a 3 x 256 model at batch 1: a step's peak 11x the
-# parameters' bytes, the per-leaf update's 5.6x).
+# per stream. One buffer per kind held them all at once (batch 1, 6 x 256 and 3 x 256: a step's peak 12x the
+# parameters' bytes; so 7.0x and 8.7x; the per-leaf update's 5.6x and 6.0x).
 FLAT_BUFFERS = 8
 MIN_BUFFER = 1 << 20
 
