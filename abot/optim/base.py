@@ -20,9 +20,10 @@ class Optimizer(NamedTuple):
         update is traced into the compiled train step. `abot.optim.tree.map_leaves` maps a per-leaf
         step over the trees and returns one tree per result.
     elementwise: True when `update` treats each leaf on its own, by its values and `is_decayed(leaf)` only,
-        and the state's per-leaf parts are trees shaped like the parameters (adamw, sgd). abot.step may then
-        run it on a few flat buffers (abot.optim.flat) instead of the tree's leaves; False (the default,
-        plugins' `Optimizer(init, update)` included) keeps the per-leaf update.
+        the state's per-leaf parts are trees shaped like the parameters and its other leaves (a step count)
+        depend on no leaf (adamw, sgd). abot.update may then run it on a few flat buffers (abot.optim.flat),
+        one call per buffer, instead of the tree's leaves; False (the default, plugins' `Optimizer(init,
+        update)` included) keeps the per-leaf update.
     """
 
     init: Callable[[Tree], Tree]
