@@ -25,6 +25,7 @@ from abot.restore import (Opened, base_identity, check_no_damaged_checkpoints, c
                           open_checkpoint)
 from abot.stage import Stage, StageData, check_stage, make_stage_eval, stage_data, stage_loss
 from abot.step import DTYPES, init_state, make_train_step
+from abot.update import checkpoint_state, step_state, update_layout
 
 
 def decide_lanes(train: TrainConfig, world_size: int = 1, max_lanes: int | None = None) -> int:
@@ -48,6 +49,15 @@ class StepParts:
     step: Callable  # (state, batch, lr) -> (state, metrics), compiled; with adapters (state, batch, lr, frozen)
     adapter: Any = None  # the adapter kind (abot.adapters.kind.AdapterKind); None: full fine-tuning
     combine: Callable | None = None  # (frozen, adapters, key) -> the tree the model sees, with adapters
+    layout: Callable | None = None  # params -> the flat update's layout (abot.update.update_layout); None: per leaf
+
+    def step_state(self, state: dict) -> dict:
+        """A per-tensor training state (fresh, or a checkpoint's) in the form the step carries between steps."""
+        return step_state(state, self.layout)
+
+    def checkpoint_state(self, state: dict) -> dict:
+        """The step's state in the per-tensor form a checkpoint holds, whichever update wrote it."""
+        return checkpoint_state(state, self.layout)
 
     def with_frozen(self, frozen: dict | None) -> "StepParts":
         """These parts with the frozen base bound into the step: `step(state, batch, lr)` either way."""
@@ -57,10 +67,11 @@ class StepParts:
         return dataclasses.replace(self, step=lambda state, batch, lr: step(state, batch, lr, frozen))
 
 
-def build_step(cfg: Config, stage: Stage, lanes: int = 1, group=None) -> StepParts:
+def build_step(cfg: Config, stage: Stage, lanes: int = 1, group=None, flat_update: bool = True) -> StepParts:
     """Registry lookups for `cfg` (a typo'd name fails here, before any slow work), then the train step.
 
-    With an adapter section the step trains the adapters only, the base its frozen argument (abot.step)."""
+    With an adapter section the step trains the adapters only, the base its frozen argument (abot.step).
+    `flat_update` False keeps an elementwise optimizer's update per leaf (benchmarks compare the two)."""
     t = cfg.train
     model, adapter = build_model(cfg), build_adapter(cfg)
     combine = None if adapter is None else (lambda frozen, params, key: attach(frozen, params, adapter, key))
@@ -68,8 +79,10 @@ def build_step(cfg: Config, stage: Stage, lanes: int = 1, group=None) -> StepPar
     optimizer = build_optimizer(cfg, model if adapter is None else model._replace(param_role=adapter_role))
     schedule, loss = build_schedule(cfg), stage_loss(cfg, stage)
     step = make_train_step(model, loss, optimizer, grad_accum_steps=t.grad_accum_steps, max_grad_norm=t.max_grad_norm,
-                           precision=t.precision, compile=t.compile, group=group, lanes=lanes, combine=combine)
-    return StepParts(model, optimizer, schedule, loss, step, adapter, combine)
+                           precision=t.precision, compile=t.compile, group=group, lanes=lanes, combine=combine,
+                           flat_update=flat_update)
+    return StepParts(model, optimizer, schedule, loss, step, adapter, combine,
+                     update_layout(optimizer, lanes, flat_update))
 
 
 def trainable(cfg: Config, parts: StepParts, base: dict, key: mx.array,
@@ -122,7 +135,7 @@ class Run:
         meta = {"config": self.cfg.to_dict(), "tokenizer_sha256": self.tokenizer.sha256,
                 "data_state": self.data.stream.state(), "n_params": self.n_params, "stage": self.stage.name,
                 **({"base": self.base} if self.base else {})}
-        return save_rotating(Path(t.save_dir), {"state": state}, step, meta, t.ckpt_keep)
+        return save_rotating(Path(t.save_dir), {"state": self.parts.checkpoint_state(state)}, step, meta, t.ckpt_keep)
 
 
 def resume_point(cfg: Config, resume: bool, say: Callable[[str], None]) -> Opened | None:
@@ -162,6 +175,7 @@ def build_run(cfg: Config, stage: str | Stage = "pretrain", resume: bool = False
     if opened is not None:
         changes = check_resumable(opened, cfg, tokenizer, fresh_state=state, base=base)
         state, start, data_state = opened.ckpt.trees["state"], opened.step, opened.meta.get("data_state")
+    state = parts.step_state(state)
     # With adapters the reference model (DPO) is the frozen base itself, adapters off: no second copy.
     data = stage_data(stage, cfg, tokenizer, parts.model, reference=init_params if frozen is None else frozen,
                       data_state=data_state, say=say, lanes=lanes)

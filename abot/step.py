@@ -8,13 +8,15 @@ gradient is not finite. Parameters are functions of trees, not nn.Modules, so th
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_map, tree_reduce
+from mlx.utils import tree_flatten, tree_map
 
-from abot.optim.base import Optimizer, leaf_streams
+from abot.optim.base import Optimizer
+from abot.update import guarded_flat_update, guarded_update, update_layout
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 # float16 dynamic loss scaling (as in mixed-precision training, Micikevicius et al. 2018):
@@ -29,18 +31,6 @@ def init_state(params, optimizer: Optimizer, key: mx.array, precision: str = "fl
     scale = INITIAL_LOSS_SCALE if precision == "float16" else 1.0
     return {"params": params, "opt_state": optimizer.init(params), "key": key,
             "loss_scale": mx.array(scale, dtype=mx.float32), "good_steps": mx.array(0, dtype=mx.int32)}
-
-
-def global_norm(tree) -> mx.array:
-    return mx.sqrt(tree_reduce(lambda acc, g: acc + mx.sum(mx.square(g.astype(mx.float32))), tree, mx.array(0.0)))
-
-
-def clip_by_global_norm(grads, norm: mx.array, max_norm: float):
-    """Scale gradients so their global norm is at most `max_norm`; max_norm <= 0 leaves them untouched."""
-    if max_norm <= 0:
-        return grads
-    factor = mx.minimum(1.0, max_norm / (norm + 1e-6))
-    return tree_map(lambda g: g * factor, grads)
 
 
 def new_streams(lanes: int) -> list:
@@ -104,7 +94,8 @@ def next_loss_scale(finite: mx.array, scale: mx.array, good_steps: mx.array) -> 
 
 def make_train_step(model, loss_fn: Callable, optimizer: Optimizer, *, grad_accum_steps: int,
                     max_grad_norm: float, precision: str = "float32", compile: bool = True,
-                    group: mx.distributed.Group | None = None, lanes: int = 1, combine: Callable | None = None):
+                    group: mx.distributed.Group | None = None, lanes: int = 1, combine: Callable | None = None,
+                    flat_update: bool = True):
     """Build `step(state, batch, lr) -> (state, metrics)`.
 
     `batch` has a leading axis of `grad_accum_steps` micro-batches (an array or a dict of arrays);
@@ -117,11 +108,14 @@ def make_train_step(model, loss_fn: Callable, optimizer: Optimizer, *, grad_accu
     `abot.platform.lanes.parallel_lanes`: MLX runs a stream's elementwise kernels on one core).
     With `combine(frozen, params, key) -> model params` (adapters: abot.adapters.tree.attach) it is `step(state,
     batch, lr, frozen)`: `frozen` (the base) gets no gradient, no optimizer state and is never returned.
+    With `flat_update` and an elementwise optimizer the update runs on a few flat buffers (abot.update), and
+    the state carries the moments flat between steps (`abot.update.step_state`, `checkpoint_state`).
     """
     compute_dtype = DTYPES[precision]
     dynamic_scaling = precision == "float16"
     world = group.size() if group is not None else 1
     streams = new_streams(lanes)
+    layout = update_layout(optimizer, lanes, flat_update)
 
     def across_ranks(tree):
         return tree if world == 1 else tree_map(lambda x: mx.distributed.all_sum(x, group=group) / world, tree)
@@ -163,19 +157,14 @@ def make_train_step(model, loss_fn: Callable, optimizer: Optimizer, *, grad_accu
         if world > 1:  # data parallel: all-reduce in 32 MiB buckets, then the metrics
             grads = nn.average_gradients(grads, group=group)
             loss, aux_sum = across_ranks((loss, aux_sum))
-        norm = global_norm(grads)
-        finite = mx.isfinite(norm) & mx.isfinite(loss)
-        grads = clip_by_global_norm(grads, norm, max_grad_norm)
-        with leaf_streams(streams):  # with lanes, the update's leaves are spread over their streams too
-            new_params, new_opt = optimizer.update(grads, state["opt_state"], params, lr)
-        # A non-finite loss or gradient skips the update: params and optimizer state stay as they were.
-        keep = lambda new, old: mx.where(finite, new, old)  # noqa: E731
+        update = guarded_update if layout is None else partial(guarded_flat_update, layout(params))
+        new_params, new_opt, norm, finite = update(optimizer, grads, params, state["opt_state"], lr, loss,
+                                                   max_grad_norm, streams)
         good = mx.where(finite, state["good_steps"] + 1, 0)
         if dynamic_scaling:
             scale, good = next_loss_scale(finite, scale, good)
-        new_state = {"params": tree_map(keep, new_params, params),
-                     "opt_state": tree_map(keep, new_opt, state["opt_state"]),
-                     "key": key, "loss_scale": scale, "good_steps": good}
+        new_state = {"params": new_params, "opt_state": new_opt, "key": key, "loss_scale": scale,
+                     "good_steps": good}
         metrics = {"loss": loss, "grad_norm": norm, "finite": finite.astype(mx.float32), "loss_scale": scale,
                    **{k: v / grad_accum_steps for k, v in aux_sum.items()}}
         return new_state, metrics

@@ -121,7 +121,8 @@ def bench_abot(folder: str, adapter: dict | None, seq: int, batch: int, checkpoi
     base, _ = load_init_params(cfg, None, parts.model)  # a Hugging Face folder records no tokenizer to check
     params, frozen = trainable(cfg, parts, base, init_key)
     del base  # with adapters, only the frozen copy stays (quantized for QLoRA)
-    state, parts = init_state(params, parts.optimizer, key, cfg.train.precision), parts.with_frozen(frozen)
+    state, parts = parts.step_state(init_state(params, parts.optimizer, key, cfg.train.precision)), \
+        parts.with_frozen(frozen)
     del params
     tokens, lr = random_batch(PRETRAIN, cfg, init_key), mx.array(LR)
     mx.eval(tokens)

@@ -142,7 +142,7 @@ def train_abot(folder: str, batch: int, seq: int, steps: int, warmup: int, preci
     lanes = decide_lanes(cfg.train)  # before MLX's first evaluation
     parts = build_step(cfg, PRETRAIN, lanes)
     params, _ = load_init_params(cfg, None, parts.model)  # no tokenizer: the folder records no tokenizer hash
-    state = init_state(params, parts.optimizer, mx.random.key(1), precision)
+    state = parts.step_state(init_state(params, parts.optimizer, mx.random.key(1), precision))
     tokens = mx.array(batch_ids(cfg.model.vocab_size, batch, seq))[None]  # (accum, batch, seq + 1)
     lr = mx.array(LR)
     mx.eval(state, tokens)

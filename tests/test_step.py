@@ -14,7 +14,8 @@ from abot.finetune.losses import sft
 from abot.losses import next_token
 from abot.models.transformer import transformer
 from abot.optim.base import Optimizer
-from abot.step import global_norm, init_state, make_eval_step, make_train_step
+from abot.step import init_state, make_eval_step, make_train_step
+from abot.update import global_norm
 
 # Plain gradient descent: the update is exactly -lr * (processed) gradient, so tests can read it back.
 descent = Optimizer(init=lambda p: {}, update=lambda g, s, p, lr: (tree_map(lambda w, d: w - lr * d, p, g), s))

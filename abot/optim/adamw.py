@@ -64,4 +64,4 @@ def adamw(weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.95, eps: flo
         new_params, m, v = map_leaves(step, params, grads, state["m"], state["v"])
         return new_params, {"count": count, "m": m, "v": v}
 
-    return Optimizer(init, update)
+    return Optimizer(init, update, elementwise=True)

@@ -1,6 +1,6 @@
 """Where an update's leaves run: a placement hint that spreads them over the per-core MLX streams.
 
-abot.step enters `leaf_streams` around `optimizer.update`; `abot.optim.tree.map_leaves` applies `spread`,
+abot.update enters `leaf_streams` around `optimizer.update`; `abot.optim.tree.map_leaves` applies `spread`,
 so an optimizer written with `map_leaves` uses every core without knowing about cores.
 """
 

@@ -49,4 +49,4 @@ def sgd(weight_decay: float = 0.0, momentum: float = 0.0, nesterov: bool = False
         new_params, bufs = map_leaves(step, params, grads, state["buf"])
         return new_params, {"buf": bufs}
 
-    return Optimizer(init, update)
+    return Optimizer(init, update, elementwise=True)
