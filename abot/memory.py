@@ -264,14 +264,13 @@ def measure_step_peak(cfg: Config, stage=None, lanes: int = 1) -> tuple[int, int
 
     from abot.run import build_step, trainable
     from abot.stage import random_batch, stage_for_source
-    from abot.step import init_state
 
     t = cfg.train
     stage = stage or stage_for_source(cfg)
     parts = build_step(cfg, stage, lanes)
     init_key, key = mx.random.split(mx.random.key(t.seed))
     params, frozen = trainable(cfg, parts, parts.model.init(init_key), init_key)  # adapters: on a random base
-    state, parts = parts.step_state(init_state(params, parts.optimizer, key, t.precision)), parts.with_frozen(frozen)
+    state, parts = parts.fresh_state(params, key, t.precision), parts.with_frozen(frozen)
     batch = random_batch(stage, cfg, init_key)
     mx.eval(state, batch)
     mx.clear_cache()

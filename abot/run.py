@@ -55,6 +55,10 @@ class StepParts:
         """A per-tensor training state (fresh, or a checkpoint's) in the form the step carries between steps."""
         return step_state(state, self.layout)
 
+    def fresh_state(self, params: dict, key: mx.array, precision: str = "float32") -> dict:
+        """`abot.step.init_state` for these parts' optimizer, in the form the step carries between steps."""
+        return self.step_state(init_state(params, self.optimizer, key, precision))
+
     def checkpoint_state(self, state: dict) -> dict:
         """The step's state in the per-tensor form a checkpoint holds, whichever update wrote it."""
         return checkpoint_state(state, self.layout)

@@ -112,7 +112,6 @@ def bench_abot(folder: str, adapter: dict | None, seq: int, batch: int, checkpoi
     from abot.restore import load_init_params
     from abot.run import build_step, decide_lanes, trainable
     from abot.stage import PRETRAIN, random_batch
-    from abot.step import init_state
 
     cfg = abot_config(folder, adapter, seq, batch, checkpointing)
     lanes = decide_lanes(cfg.train)
@@ -121,8 +120,7 @@ def bench_abot(folder: str, adapter: dict | None, seq: int, batch: int, checkpoi
     base, _ = load_init_params(cfg, None, parts.model)  # a Hugging Face folder records no tokenizer to check
     params, frozen = trainable(cfg, parts, base, init_key)
     del base  # with adapters, only the frozen copy stays (quantized for QLoRA)
-    state, parts = parts.step_state(init_state(params, parts.optimizer, key, cfg.train.precision)), \
-        parts.with_frozen(frozen)
+    state, parts = parts.fresh_state(params, key, cfg.train.precision), parts.with_frozen(frozen)
     del params
     tokens, lr = random_batch(PRETRAIN, cfg, init_key), mx.array(LR)
     mx.eval(tokens)

@@ -18,7 +18,7 @@ Training: full fine-tuning, every weight trained (embedding and final norm too),
 betas 0.9/0.999, eps 1e-8, weight decay 0.01), one micro-batch of `--batch` x `--seq` random ids per step, no
 gradient accumulation, no gradient checkpointing, float32.
 - abot: the step `abot train` builds from a config whose `train.init_from` is the folder (restore.with_model_folder,
-  run.decide_lanes, run.build_step, restore.load_init_params, step.init_state), with abot's defaults kept:
+  run.decide_lanes, run.build_step, restore.load_init_params, StepParts.fresh_state), with abot's defaults kept:
   global-norm clipping at 1.0 and the non-finite guard.
 - mlx-lm: what `mlx_lm.lora --fine-tune-type full` runs (mlx_lm/tuner/trainer.py `train`): `nn.value_and_grad`
   of its `default_loss`, `optim.AdamW`, one `mx.compile`d step with the model, optimizer and random state as
@@ -132,7 +132,6 @@ def train_abot(folder: str, batch: int, seq: int, steps: int, warmup: int, preci
     from abot.restore import load_init_params, with_model_folder
     from abot.run import build_step, decide_lanes
     from abot.stage import PRETRAIN
-    from abot.step import init_state
 
     cfg = with_model_folder(config_from_dict({
         "data": {"seq_len": seq},
@@ -142,7 +141,7 @@ def train_abot(folder: str, batch: int, seq: int, steps: int, warmup: int, preci
     lanes = decide_lanes(cfg.train)  # before MLX's first evaluation
     parts = build_step(cfg, PRETRAIN, lanes)
     params, _ = load_init_params(cfg, None, parts.model)  # no tokenizer: the folder records no tokenizer hash
-    state = parts.step_state(init_state(params, parts.optimizer, mx.random.key(1), precision))
+    state = parts.fresh_state(params, mx.random.key(1), precision)
     tokens = mx.array(batch_ids(cfg.model.vocab_size, batch, seq))[None]  # (accum, batch, seq + 1)
     lr = mx.array(LR)
     mx.eval(state, tokens)

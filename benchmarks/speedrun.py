@@ -214,7 +214,7 @@ def abot_run(recipe: Recipe, setup: Setup) -> dict:
     from abot.config import config_from_dict
     from abot.run import build_step, decide_lanes
     from abot.stage import PRETRAIN
-    from abot.step import init_state, make_eval_step
+    from abot.step import make_eval_step
 
     cfg = config_from_dict({
         "model": {"vocab_size": VOCAB, "n_layers": setup.n_layers, "d_model": setup.d_model,
@@ -226,8 +226,8 @@ def abot_run(recipe: Recipe, setup: Setup) -> dict:
                   "precision": setup.precision, "seed": setup.seed}})
     lanes = decide_lanes(cfg.train)  # before MLX's first evaluation
     parts = build_step(cfg, PRETRAIN, lanes)
-    state = parts.step_state(init_state(parts.model.init(mx.random.key(setup.seed)), parts.optimizer,
-                                        mx.random.key(setup.seed + 1), setup.precision))
+    state = parts.fresh_state(parts.model.init(mx.random.key(setup.seed)), mx.random.key(setup.seed + 1),
+                              setup.precision)
     eval_step = make_eval_step(parts.model, parts.loss, True, lanes)
     windows = [mx.array(b.astype(np.int32)) for b in held_out(setup)]
     held = {"state": state}

@@ -35,7 +35,6 @@ from abot.models.transformer import count_params
 from abot.platform import prepare
 from abot.run import build_step, decide_lanes
 from abot.stage import PRETRAIN
-from abot.step import init_state
 
 SHAPES = {  # NOTES.md benchmark shapes: (d_model, n_layers, n_heads, seq_len, batch)
     "tiny": (256, 6, 8, 256, 8),
@@ -114,8 +113,7 @@ def bench(shape, optimizer: str, compile: bool, checkpointing: bool, steps: int,
     # As abot train builds it (abot.run): the lanes first, then the registry's model, optimizer and loss.
     lanes = decide_lanes(cfg.train, group.size() if group else 1, max_lanes)
     parts = build_step(cfg, PRETRAIN, lanes, group, flat_update=flat_update)
-    state = parts.step_state(init_state(parts.model.init(mx.random.key(0)), parts.optimizer, mx.random.key(1),
-                                        precision))
+    state = parts.fresh_state(parts.model.init(mx.random.key(0)), mx.random.key(1), precision)
     step = parts.step
     tokens = mx.random.randint(0, vocab, (accum, batch, seq + 1), key=mx.random.key(2))
     lr = mx.array(1e-3)

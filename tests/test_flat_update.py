@@ -228,10 +228,9 @@ import mlx.core as mx
 from abot.config import config_from_dict
 from abot.run import build_step
 from abot.stage import PRETRAIN, random_batch
-from abot.step import init_state
 cfg = config_from_dict(json.loads(sys.argv[1]))
 parts = build_step(cfg, PRETRAIN, 1, flat_update=sys.argv[2] == "flat")
-state = parts.step_state(init_state(parts.model.init(mx.random.key(0)), parts.optimizer, mx.random.key(1)))
+state = parts.fresh_state(parts.model.init(mx.random.key(0)), mx.random.key(1))
 tokens = random_batch(PRETRAIN, cfg, mx.random.key(2))
 mx.eval(state, tokens)
 mx.clear_cache()
