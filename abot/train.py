@@ -164,12 +164,13 @@ def steps(run: Run, report: Report, stop: StopRequest, watchdog: Watchdog) -> di
 
 
 def loop(run: Run, console: Console) -> dict:
-    """Train `run` with its logs, stop request, watchdog and progress bar open; return the summary."""
+    """Train `run` with its logs, stop request, watchdog, data stream and progress bar open; return the summary.
+    Closing the stream stops and joins its producer thread before the process exits (BatchStream.close)."""
     t = run.cfg.train
     columns = [TextColumn("[bold]step {task.completed}/{task.total}"), BarColumn(), TextColumn("{task.description}"),
                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
     with (RunLogger(t.log_path or f"{t.save_dir}/logs") if run.world.rank == 0 else NullLogger()) as logger, \
-            StopRequest() as stop, Watchdog(run.world.size) as watchdog, \
+            StopRequest() as stop, Watchdog(run.world.size) as watchdog, run.data.stream, \
             Progress(*columns, console=console, transient=False) as progress:
         announce(run, console, logger)
         report = Report(console, logger, progress, progress.add_task("", total=t.total_steps, completed=run.start_step))

@@ -314,11 +314,20 @@ def test_resume_past_the_end_of_an_epoch_is_an_error():
         BatchStream(synthetic_docs(), CharTokenizer(), 8, (1, 1), state={"step": 3})
 
 
-def test_close_stops_the_producer():
-    stream = BatchStream(synthetic_docs(), CharTokenizer(), seq_len=8, batch_shape=(1, 1), prefetch=1)
+class SlowTokenizer(CharTokenizer):
+    """Each encode takes 0.2 s: the producer thread is inside it whenever the consumer looks."""
+
+    def encode_batch(self, texts, num_threads=1):
+        time.sleep(0.2)
+        return super().encode_batch(texts, num_threads)
+
+
+def test_close_stops_and_joins_the_producer():
+    """close() returns once the thread is gone, even from inside an encode: a daemon thread left in native code
+    (SentencePiece) when the interpreter exits aborts the process."""
+    stream = BatchStream(synthetic_docs(), SlowTokenizer(), seq_len=8, batch_shape=(1, 1), prefetch=1)
     next(stream)
     stream.close()
-    stream._thread.join(timeout=2)
     assert not stream._thread.is_alive()
 
 

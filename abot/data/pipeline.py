@@ -160,9 +160,16 @@ class BatchStream:
         self._epoch, self._batches = (epoch + 1, 0) if last else (epoch, index + 1)
         return batch
 
-    def close(self) -> None:
-        """Stop the producer thread (it exits at its next hand-off)."""
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the producer thread and wait up to `timeout` s for it to leave (at its next hand-off).
+
+        Waiting matters at exit: a daemon thread still inside native code when the interpreter finalizes (a
+        SentencePiece batch encode) is torn down by pthread_exit, which aborts the process with "terminate
+        called without an active exception" after a run has finished and saved.
+        """
         self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
 
     def __enter__(self) -> BatchStream:
         return self
