@@ -1,4 +1,4 @@
-"""`abot export`: a checkpoint as a Hugging Face folder (Llama, Qwen2 or Qwen3 architecture, safetensors in the
+"""`abot export`: a checkpoint as a Hugging Face folder (Llama, Qwen2, Qwen3 or Arcee architecture, safetensors in the
 parameters' dtype: float32 after training, an imported bfloat16 model's own bfloat16 untouched).
 
 abot's transformer is Llama's architecture: grouped-query attention (num_key_value_heads), RMSNorm (same
@@ -6,8 +6,9 @@ formula as LlamaRMSNorm), a SwiGLU MLP and RoPE in the "rotate-half" layout (mx.
 traditional=False: dimension i pairs with i + head_dim/2, the layout of Hugging Face's LlamaAttention), so
 q_proj/k_proj need no permutation: every weight is only transposed from abot's (in, out) to torch's
 (out, in). The attention options pick the architecture (`hf_architecture`): q/k norms -> Qwen3ForCausalLM;
-q/k/v biases without an o bias -> Qwen2ForCausalLM; otherwise LlamaForCausalLM (attention_bias when
-q, k, v and o all have biases). Tensor names:
+q/k/v biases without an o bias -> Qwen2ForCausalLM; an ungated ReLU² or GELU MLP (model.ffn_activation) ->
+ArceeForCausalLM (Llama's attention, mlp.up_proj/down_proj only); otherwise LlamaForCausalLM (attention_bias
+when q, k, v and o all have biases). Tensor names:
 
     embed                    -> model.embed_tokens.weight        (vocab, d)
     blocks[i].wq / wk / wv   -> model.layers.{i}.self_attn.{q,k,v}_proj.weight
@@ -15,7 +16,7 @@ q, k, v and o all have biases). Tensor names:
     blocks[i].bq / bk / bv   -> model.layers.{i}.self_attn.{q,k,v}_proj.bias   (model.qkv_bias)
     blocks[i].bo             -> model.layers.{i}.self_attn.o_proj.bias         (model.attn_out_bias)
     blocks[i].q_norm/k_norm  -> model.layers.{i}.self_attn.{q,k}_norm.weight   (model.qk_norm, Qwen3)
-    blocks[i].w_gate / w_up  -> model.layers.{i}.mlp.{gate,up}_proj.weight
+    blocks[i].w_gate / w_up  -> model.layers.{i}.mlp.{gate,up}_proj.weight   (no w_gate: Arcee)
     blocks[i].w_down         -> model.layers.{i}.mlp.down_proj.weight
     blocks[i].attn_norm      -> model.layers.{i}.input_layernorm.weight
     blocks[i].mlp_norm       -> model.layers.{i}.post_attention_layernorm.weight
@@ -23,7 +24,8 @@ q, k, v and o all have biases). Tensor names:
     head (untied only)       -> lm_head.weight                    (tie_word_embeddings otherwise)
 
 Dropout is an inference no-op and is dropped. Refused, because no Hugging Face decoder of these families
-has them: GELU MLPs, a bias on o_proj without q/k/v biases, and q/k norms with biases on q, k, v only.
+has them: a bias on o_proj without q/k/v biases, q/k norms with biases on q, k, v only, and an ungated MLP
+with q/k norms or biases (Arcee's attention is Llama's), logit soft-capping.
 A model trained with a Hugging Face tokenizer exports that tokenizer's own files and chat template
 (abot.export_hf_tokenizer). abot's own tokenizer is the SentencePiece file itself; abot never adds BOS (nor EOS) when encoding, so the
 exported tokenizer is configured with add_bos_token/add_eos_token false and no dummy prefix space.
@@ -67,10 +69,14 @@ def hf_architecture(m) -> tuple[str, str, dict]:
     if m.logit_softcap is not None:
         raise AbotError(f"model.logit_softcap is {m.logit_softcap}: Llama, Qwen2 and Qwen3 do not cap logits (Gemma 2's "
                         "final_logit_softcapping does; abot does not export to it), so this model cannot be exported")
-    if m.ffn_activation != "silu":
-        kind = {"gelu": "a GELU MLP", "relu2": "a ReLU² MLP"}.get(m.ffn_activation, m.ffn_activation)
-        raise AbotError(f"model.ffn_activation is '{m.ffn_activation}': {kind} has no Llama equivalent "
-                        "(LlamaForCausalLM, Qwen2 and Qwen3 are SwiGLU only), so this model cannot be exported")
+    if m.ffn_activation != "silu":  # ungated: Arcee (Llama with down(act(up x)), transformers >= 4.53)
+        if m.qk_norm or m.qkv_bias != m.attn_out_bias:
+            raise AbotError(f"model.ffn_activation '{m.ffn_activation}' with model.qk_norm {m.qk_norm}, "
+                            f"model.qkv_bias {m.qkv_bias} and model.attn_out_bias {m.attn_out_bias}: Arcee (the "
+                            "architecture with an ungated MLP) has Llama's attention: no q/k norms, and biases on "
+                            "q, k, v and o together or on none")
+        return "ArceeForCausalLM", "arcee", {"hidden_act": m.ffn_activation, "attention_bias": m.qkv_bias,
+                                             "mlp_bias": False}
     qwen = {"use_sliding_window": False, "sliding_window": None, "max_window_layers": m.n_layers}
     if m.qk_norm:
         if m.qkv_bias != m.attn_out_bias:
@@ -105,7 +111,7 @@ def hf_config(cfg: Config, dtype: str = "float32") -> dict:
         "num_attention_heads": m.n_heads,
         "num_key_value_heads": kv_heads(m),
         "head_dim": head_dim(m),
-        "hidden_act": "silu",
+        "hidden_act": "silu",  # Arcee's family fields set its own
         "rms_norm_eps": m.norm_eps,
         "rope_theta": m.rope_theta,
         "rope_scaling": dict(m.rope_scaling) if m.rope_scaling is not None else None,

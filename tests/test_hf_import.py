@@ -26,7 +26,7 @@ from abot.restore import open_checkpoint, with_model_folder
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "hf"
 ROOT = Path(__file__).resolve().parent.parent
-KINDS = ["llama", "qwen2", "qwen3"]
+KINDS = ["llama", "qwen2", "qwen3", "arcee"]
 
 
 def expected(kind: str) -> dict:
@@ -46,13 +46,16 @@ def test_a_fixture_gives_transformers_logits_and_greedy_tokens(kind):
 
 
 def test_each_architecture_maps_to_its_model_keys():
-    llama, qwen2, qwen3 = (open_checkpoint(FIXTURES / kind).config().model for kind in KINDS)
+    llama, qwen2, qwen3, arcee = (open_checkpoint(FIXTURES / kind).config().model for kind in KINDS)
     assert (llama.n_heads, llama.n_kv_heads, llama.tie_embeddings, llama.rope_theta) == (4, 2, False, 500000.0)
     assert llama.rope_scaling == {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
     assert (qwen2.qkv_bias, qwen2.attn_out_bias, qwen2.qk_norm, qwen2.tie_embeddings) == (True, False, False, True)
     assert (qwen3.qk_norm, qwen3.head_dim, qwen3.d_model // qwen3.n_heads) == (True, 32, 16)
     assert llama.mlp_hidden == 128 and llama.vocab_size == 320
+    assert (llama.ffn_activation, arcee.ffn_activation, arcee.tie_embeddings, arcee.qk_norm) == \
+        ("silu", "relu2", False, False)
+    assert "w_gate" not in open_checkpoint(FIXTURES / "arcee").params()["blocks"][0]
 
 
 def test_bfloat16_weights_stay_bfloat16():
@@ -73,6 +76,8 @@ def copy_fixture(tmp_path: Path, kind: str = "qwen2", **changes) -> Path:
     ({"architectures": ["GPT2LMHeadModel"]}, "architectures is ['GPT2LMHeadModel']; abot imports LlamaForCausalLM"),
     ({"num_local_experts": 8}, "num_local_experts is 8; mixture-of-experts"),
     ({"hidden_act": "gelu"}, "hidden_act is 'gelu'"),
+    ({"architectures": ["ArceeForCausalLM"], "hidden_act": "silu"},
+     "hidden_act is 'silu'; abot's ungated MLP takes relu2 or gelu"),
     ({"use_sliding_window": True, "sliding_window": 16}, "sliding_window is 16; sliding-window attention"),
     ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, "rope_scaling.rope_type is 'yarn'"),
     ({"hidden_size": 96}, "its parameters do not fit the configured model"),
@@ -155,13 +160,13 @@ def transformers_or_skip():
     return pytest.importorskip("transformers")
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3", "arcee"])
 def test_random_models_built_by_transformers_load_with_the_same_logits(tmp_path, kind):
     """Where transformers is installed: fresh random models of each architecture, so the fixtures cannot drift."""
     transformers = transformers_or_skip()
     import torch
 
-    names = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+    names = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "arcee": "Arcee"}
     config = getattr(transformers, f"{names[kind]}Config")(
         vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=kind != "llama")

@@ -301,12 +301,12 @@ def test_export_round_trips_every_tensor(run, tmp_path, tied):
                          ["additional_special_tokens"]]
 
 
-def test_export_refuses_gelu_and_non_empty_folders(run, tmp_path):
+def test_export_refuses_what_no_architecture_has_and_non_empty_folders(run, tmp_path):
     from abot.export import export_checkpoint
 
-    gelu = make_checkpoint(tmp_path / "gelu.ckpt", run.tok, run.root / "docs.jsonl", ffn_activation="gelu")
-    with pytest.raises(AbotError, match="GELU MLP has no Llama equivalent"):
-        export_checkpoint(gelu.path, tmp_path / "out")
+    capped = make_checkpoint(tmp_path / "capped.ckpt", run.tok, run.root / "docs.jsonl", logit_softcap=30.0)
+    with pytest.raises(AbotError, match="model.logit_softcap is 30.0: Llama, Qwen2 and Qwen3 do not cap logits"):
+        export_checkpoint(capped.path, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "x").write_text("x")

@@ -326,7 +326,9 @@ def export_folder(tmp_path, **options):
     ({"qkv_bias": True, "attn_out_bias": True}, "LlamaForCausalLM"),
     ({"qkv_bias": True, "n_kv_heads": 2}, "Qwen2ForCausalLM"),
     ({"qk_norm": True, "head_dim": 16, "n_kv_heads": 1}, "Qwen3ForCausalLM"),
-], ids=["default", "llama3-gqa-untied", "llama-bias", "qwen2", "qwen3"])
+    ({"ffn_activation": "relu2", "n_kv_heads": 2, "tie_embeddings": False}, "ArceeForCausalLM"),
+    ({"ffn_activation": "gelu", "qkv_bias": True, "attn_out_bias": True}, "ArceeForCausalLM"),
+], ids=["default", "llama3-gqa-untied", "llama-bias", "qwen2", "qwen3", "arcee-relu2", "arcee-gelu-bias"])
 def test_export_writes_the_architecture_and_fields(tmp_path, options, architecture):
     cfg, model, params, config, tensors, out = export_folder(tmp_path, **options)
     hd, kv = cfg.head_dim or 8, cfg.n_kv_heads or 4
@@ -347,6 +349,8 @@ def test_export_writes_the_architecture_and_fields(tmp_path, options, architectu
         assert np.array_equal(tensors[layer + "k_norm.weight"], np.asarray(params["blocks"][0]["k_norm"]))
     if cfg.qkv_bias:
         assert np.array_equal(tensors[layer + "v_proj.bias"], np.asarray(params["blocks"][0]["bv"]))
+    assert config["hidden_act"] == cfg.ffn_activation
+    assert ("model.layers.0.mlp.gate_proj.weight" in tensors) is (cfg.ffn_activation == "silu")
     assert ("lm_head.weight" in tensors) is not cfg.tie_embeddings
     assert len(tensors) == len(tree_flatten(params))  # every leaf, nothing else
 
@@ -354,7 +358,8 @@ def test_export_writes_the_architecture_and_fields(tmp_path, options, architectu
 @pytest.mark.parametrize("options, message", [
     ({"attn_out_bias": True}, "model.attn_out_bias without model.qkv_bias"),
     ({"qk_norm": True, "qkv_bias": True}, "model.qk_norm with model.qkv_bias True and model.attn_out_bias False"),
-    ({"ffn_activation": "gelu"}, "model.ffn_activation is 'gelu'"),
+    ({"ffn_activation": "relu2", "qk_norm": True}, "model.ffn_activation 'relu2' with model.qk_norm True"),
+    ({"ffn_activation": "gelu", "qkv_bias": True}, "Arcee .* biases on q, k, v and o together or on none"),
 ])
 def test_export_refuses_what_no_architecture_has(options, message):
     from abot.export import hf_config, hf_tensors
@@ -370,7 +375,9 @@ def test_export_refuses_what_no_architecture_has(options, message):
     {"n_kv_heads": 2, "rope_scaling": LLAMA3, "tie_embeddings": False},
     {"qkv_bias": True, "n_kv_heads": 2},
     {"qk_norm": True, "head_dim": 16, "n_kv_heads": 1},
-], ids=["llama3", "qwen2", "qwen3"])
+    {"ffn_activation": "relu2", "n_kv_heads": 2, "tie_embeddings": False},
+    {"ffn_activation": "gelu"},
+], ids=["llama3", "qwen2", "qwen3", "arcee-relu2", "arcee-gelu"])
 def test_transformers_loads_the_export_with_the_same_logits(tmp_path, options):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
@@ -460,8 +467,6 @@ def test_speedrun_option_errors_and_export_refusals():
         config_from_dict({"model": {**SMALL, "logit_softcap": 0.0}, "data": {"seq_len": 64}})
     with pytest.raises(ConfigError, match="relu2"):
         config_from_dict({"model": {**SMALL, "ffn_activation": "relu"}, "data": {"seq_len": 64}})
-    for options, words in (({"ffn_activation": "relu2"}, "model.ffn_activation is 'relu2': a ReLU² MLP"),
-                           ({"logit_softcap": 30.0}, "model.logit_softcap is 30.0")):
-        cfg = config_from_dict({"model": {**SMALL, **options}, "data": {"seq_len": 64}})
-        with pytest.raises(AbotError, match=words):
-            hf_config(cfg)
+    cfg = config_from_dict({"model": {**SMALL, "logit_softcap": 30.0}, "data": {"seq_len": 64}})
+    with pytest.raises(AbotError, match="model.logit_softcap is 30.0: Llama, Qwen2 and Qwen3 do not cap logits"):
+        hf_config(cfg)  # ReLU² exports as Arcee: test_export_writes_the_architecture_and_fields

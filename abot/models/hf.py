@@ -1,7 +1,8 @@
 """Hugging Face decoder folders as abot models: config.json -> the `model` section, safetensors <-> parameters.
 
-Llama (2, 3, 3.1, 3.2 with llama3 rope scaling; SmolLM, SmolLM2), Mistral, Qwen2 (q/k/v biases) and Qwen3
-(per-head q/k norms, head_dim set on its own) map onto abot's transformer exactly (NOTES.md, "Hugging Face
+Llama (2, 3, 3.1, 3.2 with llama3 rope scaling; SmolLM, SmolLM2), Mistral, Qwen2 (q/k/v biases), Qwen3
+(per-head q/k norms, head_dim set on its own) and Arcee (Llama with an ungated ReLU² MLP) map onto abot's
+transformer exactly (NOTES.md, "Hugging Face
 decoder checkpoints"). What a config asks for that the transformer cannot do (experts, a sliding window shorter
 than the sequence, another activation or rope scaling) is refused naming the field: a model is never loaded
 silently wrong. Weights keep the dtype they were saved in (bfloat16 stays bfloat16).
@@ -19,7 +20,11 @@ import mlx.core as mx
 from abot import hub
 from abot.errors import AbotError
 
-ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                 "ArceeForCausalLM")
+# Arcee's MLP is ungated, down(act(up x)) (transformers' ArceeMLP): its hidden_act relu2 (AFM-4.5B's) or gelu
+# (exact, erf) is abot's ffn_activation of the same name; every other family is SwiGLU (silu).
+UNGATED_ACTIVATIONS = ("relu2", "gelu")
 CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE = "config.json", "model.safetensors", "model.safetensors.index.json"
 EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size")
 LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -107,8 +112,11 @@ def _check_supported(hf: dict, where: Path) -> str:
     arch = (hf.get("architectures") or [None])[0]
     if arch not in ARCHITECTURES:
         raise _refuse(where, "architectures", hf.get("architectures"), f"abot imports {', '.join(ARCHITECTURES)}")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise _refuse(where, "hidden_act", hf["hidden_act"], "abot's transformer uses SiLU (SwiGLU) only")
+    act = ffn_activation(hf, arch)
+    if arch == "ArceeForCausalLM" and act not in UNGATED_ACTIVATIONS:
+        raise _refuse(where, "hidden_act", act, f"abot's ungated MLP takes {' or '.join(UNGATED_ACTIVATIONS)}")
+    if arch != "ArceeForCausalLM" and act != "silu":
+        raise _refuse(where, "hidden_act", act, "abot's transformer uses SiLU (SwiGLU) only")
     for key in EXPERT_KEYS:
         if hf.get(key):
             raise _refuse(where, key, hf[key], "mixture-of-experts layers are not supported")
@@ -138,7 +146,8 @@ def model_section(hf: dict, where: Path) -> dict:
             "head_dim": int(hf.get("head_dim") or d // heads), "mlp_hidden": int(hf["intermediate_size"]),
             "mlp_multiple": int(hf["intermediate_size"]) / d, "dropout": 0.0,
             "max_seq_len": int(hf.get("max_position_embeddings", 4096)), "rope_theta": theta,
-            "rope_scaling": scaling, "ffn_activation": "silu", "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
+            "rope_scaling": scaling, "ffn_activation": ffn_activation(hf, arch),
+            "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
             "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
             # Qwen2 always has q/k/v biases and none on o; Llama, Mistral and Qwen3 put attention_bias on all four.
             "qkv_bias": arch == "Qwen2ForCausalLM" or bias, "attn_out_bias": arch != "Qwen2ForCausalLM" and bias,
@@ -146,6 +155,11 @@ def model_section(hf: dict, where: Path) -> dict:
         }
     except KeyError as err:
         raise AbotError(f"{where / CONFIG_FILE}: no {err.args[0]!r}; is this a decoder model's config?") from None
+
+
+def ffn_activation(hf: dict, arch: str) -> str:
+    """config.json's hidden_act, with each family's default where it has none."""
+    return hf.get("hidden_act", "relu2" if arch == "ArceeForCausalLM" else "silu")
 
 
 def read_tensors(folder: Path) -> dict[str, mx.array]:
@@ -179,7 +193,8 @@ def params_from_tensors(tensors: dict[str, mx.array], model: dict, folder: Path)
     blocks = []
     for i in range(model["n_layers"]):
         prefix = f"model.layers.{i}."
-        block = {ours: take(f"{prefix}{theirs}.weight").T for ours, theirs in LINEARS.items()}
+        block = {ours: take(f"{prefix}{theirs}.weight").T for ours, theirs in LINEARS.items()
+                 if ours != "w_gate" or model["ffn_activation"] == "silu"}
         wanted = ["attn_norm", "mlp_norm"] + (["bq", "bk", "bv"] if model["qkv_bias"] else []) \
             + (["bo"] if model["attn_out_bias"] else []) + (["q_norm", "k_norm"] if model["qk_norm"] else [])
         block.update({ours: take(prefix + VECTORS[ours]) for ours in wanted})
@@ -204,7 +219,8 @@ def tensors_from_params(params: dict, tie_embeddings: bool) -> dict[str, mx.arra
 
     out = {"model.embed_tokens.weight": params["embed"]}
     for i, block in enumerate(params["blocks"]):
-        out.update({f"model.layers.{i}.{theirs}.weight": linear(block[ours]) for ours, theirs in LINEARS.items()})
+        out.update({f"model.layers.{i}.{theirs}.weight": linear(block[ours]) for ours, theirs in LINEARS.items()
+                    if ours in block})
         out.update({f"model.layers.{i}.{theirs}": block[ours] for ours, theirs in VECTORS.items() if ours in block})
     out["model.norm.weight"] = params["final_norm"]
     if not tie_embeddings:
