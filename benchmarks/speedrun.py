@@ -27,8 +27,9 @@ What it fixes, for every run alike:
   cannot tell: the previous run's own threads keep it near 2 for a minute after.)
 
 The recipes, in order: PyTorch AdamW and PyTorch's own `torch.optim.Muon` (blocks' matrices; AdamW on the rest),
-each with its lr swept; abot adamw (lr swept) and abot muon_adamw (lr, then `adamw_lr_scale`, swept); on the
-better of those two, each architecture option alone; then the options that beat it, together. A sweep whose
+each with its lr swept; abot adamw (lr swept) and abot muon_adamw (lr, then `adamw_lr_scale`, then `ns_steps`,
+swept); where fewer Newton-Schulz steps won, PyTorch's Muon again with as many (it has the same knob); on the
+better of abot's two, each architecture option alone; then the options that beat it, together. A sweep whose
 best value is at its edge is extended one step. Each run is its own process (MLX fixes its evaluation order at
 its first evaluation, see benchmarks/train_speed.py's `bench_in_child`); the PyTorch processes never import
 abot. The target is the stronger PyTorch reference's final held-out loss; a recipe's time to it is the
@@ -74,9 +75,12 @@ ARCH_OPTIONS = {  # abot's speedrun model keys (README "Configuration"), each tr
     "untied_head": {"tie_embeddings": False},
 }
 FULL_GRIDS = {"torch_adamw": [2e-3, 4e-3, 8e-3], "torch_muon": [4e-3, 8e-3, 1.6e-2],
-              "abot_adamw": [2e-3, 4e-3, 8e-3], "abot_muon": [4e-3, 8e-3, 1.6e-2], "adamw_lr_scale": [0.5, 1.0, 2.0]}
+              "abot_adamw": [2e-3, 4e-3, 8e-3], "abot_muon": [4e-3, 8e-3, 1.6e-2], "adamw_lr_scale": [1.0, 4.0, 8.0],
+              "ns_steps": [2, 3, 5]}
 QUICK_GRIDS = {"torch_adamw": [4e-3, 8e-3], "torch_muon": [8e-3, 1.6e-2],
-               "abot_adamw": [4e-3, 8e-3], "abot_muon": [8e-3, 1.6e-2], "adamw_lr_scale": [1.0, 2.0]}
+               "abot_adamw": [4e-3, 8e-3], "abot_muon": [8e-3, 1.6e-2], "adamw_lr_scale": [1.0, 2.0],
+               "ns_steps": [3, 5]}
+NS_STEPS = 5  # Muon's Newton-Schulz steps by default, in abot and in torch.optim.Muon
 
 
 @dataclass(frozen=True)
@@ -257,7 +261,8 @@ def torch_run(recipe: Recipe, setup: Setup) -> dict:
     device = "cuda" if cuda else "cpu"
     torch.manual_seed(setup.seed)
     params = ref.init_params(VOCAB, setup.d_model, setup.n_layers, device=device)
-    opts = ref.make_optimizers(params, recipe.optimizer, recipe.lr, WEIGHT_DECAY, fused=cuda)
+    opts = ref.make_optimizers(params, recipe.optimizer, recipe.lr, WEIGHT_DECAY, fused=cuda,
+                               **dict(recipe.optimizer_args))
     cos, sin = (t.to(device) for t in ref.rope_tables(setup.seq_len, setup.d_model // setup.n_heads, 10000.0))
 
     def loss_of(tokens):
@@ -365,15 +370,21 @@ class Runner:
         return self.runs[recipe]
 
     def sweep(self, name: str, grid: list[float], make: Callable[[float], Recipe]) -> Recipe:
-        """Run `make(v)` for v in `grid`; extend one step past an edge holding the best; the best recipe."""
+        """Run `make(v)` for v in `grid`; extend one step past an edge holding the best (rounded, at least 1,
+        for a grid of integers); the best recipe."""
         values = sorted(grid)
         losses = {v: score(self(make(v))) for v in values}
         best, extended = min(values, key=losses.get), None
         if len(values) > 1 and best in (values[0], values[-1]):
             ratio = values[1] / values[0] if best == values[0] else values[-1] / values[-2]
             extended = best / ratio if best == values[0] else best * ratio
-            losses[extended] = score(self(make(extended)))
-            best = min(losses, key=losses.get)
+            if all(isinstance(v, int) for v in values):
+                extended = max(1, round(extended))
+            if extended not in losses:
+                losses[extended] = score(self(make(extended)))
+                best = min(losses, key=losses.get)
+            else:
+                extended = None
         self.sweeps.append({"name": name, "points": [[v, losses[v], asdict(make(v))] for v in sorted(losses)],
                             "best": best, "extended_to": extended,
                             "best_at_edge": best in (min(losses), max(losses)) and len(losses) > 1})
@@ -390,8 +401,16 @@ def run_plan(runner: Runner, grids: dict) -> dict[str, Recipe]:
     rows["abot adamw"] = runner.sweep("abot adamw lr", grids["abot_adamw"], lambda lr: Recipe("abot", "adamw", lr))
     muon = runner.sweep("abot muon_adamw lr", grids["abot_muon"],  # at adamw_lr_scale 1, the scale sweep's 1
                         lambda lr: Recipe("abot", "muon_adamw", lr).with_optimizer_args(adamw_lr_scale=1.0))
-    rows["abot muon_adamw"] = runner.sweep("abot muon_adamw adamw_lr_scale", grids["adamw_lr_scale"],
-                                           lambda s: muon.with_optimizer_args(adamw_lr_scale=s))
+    scaled = runner.sweep("abot muon_adamw adamw_lr_scale", grids["adamw_lr_scale"],
+                          lambda s: muon.with_optimizer_args(adamw_lr_scale=s))
+    # Fewer Newton-Schulz steps: cheaper steps, rougher orthogonalisation. The default is the scale sweep's run.
+    rows["abot muon_adamw"] = runner.sweep("abot muon_adamw ns_steps", grids["ns_steps"], lambda n: scaled
+                                           if n == NS_STEPS else scaled.with_optimizer_args(ns_steps=n))
+    ns_steps = dict(rows["abot muon_adamw"].optimizer_args).get("ns_steps", NS_STEPS)
+    if ns_steps != NS_STEPS:  # torch.optim.Muon has the same knob: the reference gets what abot's sweep found
+        rows[f"PyTorch Muon + AdamW, ns_steps {ns_steps}"] = rows["PyTorch Muon + AdamW"].with_optimizer_args(
+            ns_steps=ns_steps)
+        runner(rows[f"PyTorch Muon + AdamW, ns_steps {ns_steps}"])
     base = min((rows["abot adamw"], rows["abot muon_adamw"]), key=lambda r: score(runner(r)))
     helped = {}
     for name, keys in ARCH_OPTIONS.items():

@@ -74,7 +74,8 @@ def next_token_loss(params: dict, tokens, layers: int, heads: int, cos, sin):
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1))
 
 
-def make_optimizers(params: dict, name: str, lr: float, weight_decay: float = 0.02, fused: bool = False) -> list:
+def make_optimizers(params: dict, name: str, lr: float, weight_decay: float = 0.02, fused: bool = False,
+                    ns_steps: int = 5) -> list:
     """The optimizers of one recipe, to be stepped together: "adamw", or "muon" (PyTorch's own).
 
     "muon": `torch.optim.Muon` on the blocks' matrices, with `adjust_lr_fn="match_rms_adamw"` (0.2
@@ -89,7 +90,7 @@ def make_optimizers(params: dict, name: str, lr: float, weight_decay: float = 0.
                               **({"fused": True} if fused else {}))]
     if name == "muon":
         opts.append(torch.optim.Muon(list(hidden.values()), lr=lr, weight_decay=weight_decay,
-                                     adjust_lr_fn="match_rms_adamw"))
+                                     adjust_lr_fn="match_rms_adamw", ns_steps=ns_steps))
     elif name != "adamw":
         raise ValueError(f"optimizer {name!r}: 'adamw' or 'muon'")
     return opts

@@ -98,8 +98,10 @@ def test_plan_and_report(monkeypatch, tmp_path):
     """The whole plan on fake runs: every row, the combination of the options that helped, the table, the plot."""
     def loss(r):
         model = dict(r.model)
-        return (5.0 - (r.framework == "torch") * 0.5 - (r.optimizer == "muon_adamw") * 0.6
-                - 0.1 * model.get("qk_norm", 0) - 0.1 * (model.get("ffn_activation") == "relu2") + 0.01 * r.lr)
+        ns_steps = dict(r.optimizer_args).get("ns_steps", 5)
+        return (5.0 - (r.framework == "torch") * 0.5 - (r.optimizer in ("muon_adamw", "muon")) * 0.6
+                - 0.1 * model.get("qk_norm", 0) - 0.1 * (model.get("ffn_activation") == "relu2") + 0.01 * r.lr
+                + 0.01 * abs(ns_steps - 3))
 
     runner = fake_runner(monkeypatch, loss)
     rows = speedrun.run_plan(runner, speedrun.QUICK_GRIDS)
@@ -108,7 +110,15 @@ def test_plan_and_report(monkeypatch, tmp_path):
     combo = dict(rows["abot best combination"].model)
     assert combo == {"qk_norm": True, "ffn_activation": "relu2"}
     muon_args = [dict(r.optimizer_args) for r in runner.runs if r.optimizer == "muon_adamw"]
-    assert all(set(args) == {"adamw_lr_scale"} for args in muon_args)  # scale 1 is one run, not two
+    assert all("adamw_lr_scale" in args for args in muon_args)  # scale 1 is one run, not two
+    # The quick grid's 3 and 5, and 2 past its edge (an integer grid extends to an integer); 5 is the scale
+    # sweep's run, not a second one with ns_steps written out.
+    ns_sweep = next(s for s in runner.sweeps if s["name"] == "abot muon_adamw ns_steps")
+    assert [p[0] for p in ns_sweep["points"]] == [2, 3, 5] and (ns_sweep["best"], ns_sweep["extended_to"]) == (3, 2)
+    assert all(a.get("ns_steps") != 5 for a in muon_args)
+    # ns_steps 3 won abot's sweep, so PyTorch's Muon runs with 3 too, at its own best lr; it is the stronger one.
+    torch_3 = rows["PyTorch Muon + AdamW, ns_steps 3"]
+    assert dict(torch_3.optimizer_args) == {"ns_steps": 3} and torch_3.lr == rows["PyTorch Muon + AdamW"].lr
     path = tmp_path / "speedrun.json"
     speedrun.save_json(path, runner, rows, quick=True)
     report = json.loads(path.read_text())
