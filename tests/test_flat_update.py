@@ -191,8 +191,8 @@ def test_muon_adamw_is_unchanged_by_the_flat_update_switch():
 ROOT = Path(__file__).resolve().parent.parent
 ARGS = ["model.vocab_size=1000", "model.n_layers=2", "model.d_model=64", "model.n_heads=4",
         "model.dropout=0.1", "data.seq_len=64", "train.micro_batch_size=4", "train.warmup_steps=2",
-        "train.eval_steps=0", "train.optimizer=adamw", "train.weight_decay=0.1", "train.total_steps=6",
-        "train.ckpt_interval=3", "train.ckpt_keep=5"]
+        "train.eval_steps=0", "train.optimizer=adamw", "train.optimizer_args={}", "train.weight_decay=0.1",
+        "train.total_steps=6", "train.ckpt_interval=3", "train.ckpt_keep=5"]
 
 
 def cli(*args, cwd):

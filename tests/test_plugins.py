@@ -51,7 +51,8 @@ def test_training_with_a_plugin_optimizer_and_source_lowers_the_loss(installed_p
     for i in range(60):
         (corpus / f"{i}.txt").write_text(" ".join(words[(i + j) % len(words)] for j in range(200)))
     overrides = ["data.source=textfiles", f"data.source_args.path={corpus}", "data.eval_fraction=0.2",
-                 "train.optimizer=lion", "train.optimizer_args.b2=0.98", "train.lr=1e-3", "train.min_lr=1e-4",
+                 "train.optimizer=lion", "train.optimizer_args={}", "train.optimizer_args.b2=0.98",
+                 "train.lr=1e-3", "train.min_lr=1e-4",
                  f"train.save_dir={tmp_path}/run", f"train.tokenizer_path={tmp_path}/tok.model",
                  "model.vocab_size=300", "model.n_layers=2", "model.d_model=64", "model.n_heads=4",
                  "data.seq_len=64", "train.micro_batch_size=8", "train.total_steps=40", "train.warmup_steps=4",
@@ -66,6 +67,6 @@ def test_training_with_a_plugin_optimizer_and_source_lowers_the_loss(installed_p
 @pytest.mark.slow
 def test_unknown_plugin_option_is_named(installed_plugins, tmp_path):
     out = run("-m", "abot", "train", str(ROOT / "configs" / "tiny.yaml"), "train.optimizer=lion",
-              "train.optimizer_args.beta1=0.9", cwd=tmp_path)
+              "train.optimizer_args={beta1: 0.9}", cwd=tmp_path)
     assert out.returncode == 2
     assert "train.optimizer_args: unknown option 'beta1' for lion" in out.stdout

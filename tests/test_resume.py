@@ -176,7 +176,7 @@ def test_sigterm_saves_the_current_step_and_resume_checks_config_changes(tokeniz
     resumed = [e for e in log if e["event"] == "resume"]
     assert resumed and resumed[-1]["step"] == final and resumed[-1]["checkpoint"] == str(latest)
     changes = [e for e in log if e["event"] == "resume_config_changes"][-1]["changes"]
-    assert sorted(changes) == sorted([f"train.total_steps: 500 -> {final + 3}", "train.lr: 0.002 -> 0.001",
+    assert sorted(changes) == sorted([f"train.total_steps: 500 -> {final + 3}", "train.lr: 0.004 -> 0.001",
                                       "train.ckpt_interval: 5 -> 3", "train.log_interval: 5 -> 1"]), changes
     assert not stray.exists()
     assert load_checkpoint(latest_checkpoint(run)).step == final + 3

@@ -168,7 +168,8 @@ def call_with_options(fn: Callable, options: dict, key: str, **given) -> Any:
             close = difflib.get_close_matches(name, accepted, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else "."
             raise AbotError(f"{key}: unknown option '{name}' for {getattr(fn, '__name__', fn)}{hint} "
-                            f"It accepts: {', '.join(accepted) or 'nothing'}")
+                            f"It accepts: {', '.join(accepted) or 'nothing'}. (Switched from a config's choice? "
+                            f"Drop the options it set with {key}={{}} on the command line.)")
     kwargs = {k: v for k, v in given.items() if accepts(fn, k)}
     try:
         return fn(**{**kwargs, **options})
