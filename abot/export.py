@@ -1,5 +1,5 @@
-"""`abot export`: a checkpoint as a Hugging Face folder (Llama, Qwen2, Qwen3 or Arcee architecture, safetensors in the
-parameters' dtype: float32 after training, an imported bfloat16 model's own bfloat16 untouched).
+"""`abot export`: a checkpoint as a Hugging Face folder (Llama, Qwen2, Qwen3 or Arcee architecture, safetensors
+in the parameters' dtype: float32 after training, an imported bfloat16 model's own bfloat16 untouched).
 
 abot's transformer is Llama's architecture: grouped-query attention (num_key_value_heads), RMSNorm (same
 formula as LlamaRMSNorm), a SwiGLU MLP and RoPE in the "rotate-half" layout (mx.fast.rope with
@@ -24,8 +24,8 @@ when q, k, v and o all have biases). Tensor names:
     head (untied only)       -> lm_head.weight                    (tie_word_embeddings otherwise)
 
 Dropout is an inference no-op and is dropped. Refused, because no Hugging Face decoder of these families
-has them: a bias on o_proj without q/k/v biases, q/k norms with biases on q, k, v only, and an ungated MLP
-with q/k norms or biases (Arcee's attention is Llama's), logit soft-capping.
+has them: logit soft-capping, a bias on o_proj without q/k/v biases, q/k norms with biases on q, k, v only,
+and an ungated MLP with q/k norms or q/k/v-only biases (Arcee's attention is Llama's).
 A model trained with a Hugging Face tokenizer exports that tokenizer's own files and chat template
 (abot.export_hf_tokenizer). abot's own tokenizer is the SentencePiece file itself; abot never adds BOS (nor EOS) when encoding, so the
 exported tokenizer is configured with add_bos_token/add_eos_token false and no dummy prefix space.

@@ -607,7 +607,8 @@ def main() -> None:
     runner = Runner(setup, lambda: save_json(path, runner, rows, args.quick),
                     known_runs(path, setup) if args.resume else None)
     grids = QUICK_GRIDS if args.quick else FULL_GRIDS
-    n = sum(len(g) for g in grids.values()) - 1 + len(ARCH_OPTIONS) + 1  # adamw_lr_scale 1 is the lr sweep's best
+    # adamw_lr_scale 1 and ns_steps 5 are runs of the sweeps before them
+    n = sum(len(g) for g in grids.values()) - 2 + len(ARCH_OPTIONS) + 1
     print(f"Speedrun {label}: d{d}x{layers}, seq {seq}, batch {batch}, {budget:g} s per run; about {n} runs "
           f"(more where a sweep is extended): about {n * budget / 60:.0f} minutes of training plus start-up "
           "and evaluation")

@@ -2,10 +2,10 @@
 
 Llama (2, 3, 3.1, 3.2 with llama3 rope scaling; SmolLM, SmolLM2), Mistral, Qwen2 (q/k/v biases), Qwen3
 (per-head q/k norms, head_dim set on its own) and Arcee (Llama with an ungated ReLU² MLP) map onto abot's
-transformer exactly (NOTES.md, "Hugging Face
-decoder checkpoints"). What a config asks for that the transformer cannot do (experts, a sliding window shorter
-than the sequence, another activation or rope scaling) is refused naming the field: a model is never loaded
-silently wrong. Weights keep the dtype they were saved in (bfloat16 stays bfloat16).
+transformer exactly (NOTES.md, "Hugging Face decoder checkpoints"). What a config asks for that the transformer
+cannot do (experts, a sliding window shorter than the sequence, another activation or rope scaling) is refused
+naming the field: a model is never loaded silently wrong. Weights keep the dtype they were saved in (bfloat16
+stays bfloat16).
 """
 
 from __future__ import annotations
