@@ -1,6 +1,7 @@
 """benchmarks/speedrun.py's fixed parts: the token stream, the eval windows, the schedule on the clock, the sweeps'
 edge rule, the report, and that abot and the PyTorch reference score the same weights alike."""
 
+import dataclasses
 import json
 import math
 import sys
@@ -119,6 +120,8 @@ def test_plan_and_report(monkeypatch, tmp_path):
     # ns_steps 3 won abot's sweep, so PyTorch's Muon runs with 3 too, at its own best lr; it is the stronger one.
     torch_3 = rows["PyTorch Muon + AdamW, ns_steps 3"]
     assert dict(torch_3.optimizer_args) == {"ns_steps": 3} and torch_3.lr == rows["PyTorch Muon + AdamW"].lr
+    short = rows["abot best combination, 0.5x clock"]  # the combination again, its schedule over half the budget
+    assert short.clock == 0.5 and dataclasses.replace(short, clock=1.0) == rows["abot best combination"]
     path = tmp_path / "speedrun.json"
     speedrun.save_json(path, runner, rows, quick=True)
     report = json.loads(path.read_text())
@@ -168,3 +171,15 @@ def test_busy_cpu_seconds_counts_this_process_spinning():
     while time.process_time() - t0 < 0.3:
         pass
     assert speedrun.busy_cpu_seconds() - before >= 0.25
+
+
+def test_a_shorter_clock_shortens_the_childs_budget_and_keeps_the_eval_interval(monkeypatch, capsys):
+    seen = {}
+    monkeypatch.setattr(speedrun, "abot_run", lambda recipe, setup: seen.update(setup=setup) or {"final_loss": 1.0})
+    setup = speedrun.Setup("shards", 64, 2, 4, 64, 8, 60.0, 3.0)
+    recipe = speedrun.Recipe("abot", "adamw", 1e-3, clock=0.7)
+    speedrun.child_main(json.dumps({"recipe": dataclasses.asdict(recipe), "setup": dataclasses.asdict(setup)}))
+    assert (seen["setup"].budget_s, seen["setup"].eval_every_s) == (pytest.approx(42.0), 3.0)
+    assert recipe.label() == "abot adamw lr 0.001, 0.7x clock"
+    old = {k: v for k, v in dataclasses.asdict(recipe).items() if k != "clock"}  # a JSON from before the field
+    assert speedrun.recipe_from_dict(old).clock == 1.0
