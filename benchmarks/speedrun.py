@@ -30,9 +30,9 @@ The recipes, in order: PyTorch AdamW and PyTorch's own `torch.optim.Muon` (block
 each with its lr swept; abot adamw (lr swept) and abot muon_adamw (lr, then `adamw_lr_scale`, then `ns_steps`,
 swept); where fewer Newton-Schulz steps won, PyTorch's Muon again with as many (it has the same knob); on the
 better of abot's two, each architecture option alone; then the options that beat it, together; then that
-combination on shorter clocks (--minutes x 0.6, 0.7, 0.8, its whole schedule over each), since a recipe that runs
-its decay over the full budget crosses the target only inside that decay. A sweep whose
-best value is at its edge is extended one step. Each run is its own process (MLX fixes its evaluation order at
+combination on shorter clocks (--minutes x 0.6, 0.7, 0.8, its whole schedule over each), since a recipe that
+runs its decay over the full budget crosses the target only inside that decay. A sweep whose best value is at
+its edge is extended one step. Each run is its own process (MLX fixes its evaluation order at
 its first evaluation, see benchmarks/train_speed.py's `bench_in_child`); the PyTorch processes never import
 abot. The target is the stronger PyTorch reference's final held-out loss; a recipe's time to it is the
 training clock at its first evaluation at or below it (resolution: the evaluation interval).
@@ -413,9 +413,9 @@ def run_plan(runner: Runner, grids: dict) -> dict[str, Recipe]:
                                            if n == NS_STEPS else scaled.with_optimizer_args(ns_steps=n))
     ns_steps = dict(rows["abot muon_adamw"].optimizer_args).get("ns_steps", NS_STEPS)
     if ns_steps != NS_STEPS:  # torch.optim.Muon has the same knob: the reference gets what abot's sweep found
-        rows[f"PyTorch Muon + AdamW, ns_steps {ns_steps}"] = rows["PyTorch Muon + AdamW"].with_optimizer_args(
-            ns_steps=ns_steps)
-        runner(rows[f"PyTorch Muon + AdamW, ns_steps {ns_steps}"])
+        name = f"PyTorch Muon + AdamW, ns_steps {ns_steps}"
+        rows[name] = rows["PyTorch Muon + AdamW"].with_optimizer_args(ns_steps=ns_steps)
+        runner(rows[name])
     base = min((rows["abot adamw"], rows["abot muon_adamw"]), key=lambda r: score(runner(r)))
     helped = {}
     for name, keys in ARCH_OPTIONS.items():
@@ -428,8 +428,9 @@ def run_plan(runner: Runner, grids: dict) -> dict[str, Recipe]:
     # Time to quality as speedruns measure it: a recipe picks its length. With the schedule over the whole budget
     # every recipe crosses the target inside its own final decay; on a shorter clock the decay comes sooner.
     for fraction in grids["clock"]:
-        rows[f"abot best combination, {fraction:g}x clock"] = replace(rows["abot best combination"], clock=fraction)
-        runner(rows[f"abot best combination, {fraction:g}x clock"])
+        name = f"abot best combination, {fraction:g}x clock"
+        rows[name] = replace(rows["abot best combination"], clock=fraction)
+        runner(rows[name])
     return rows
 
 
