@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from abot.adapters.kind import AdapterKind, float_weight, low_rank_delta, low_rank_pair, low_rank_update
-from abot.ops.linear import base_matmul
+from abot.adapters.kind import AdapterKind, float_weight, low_rank_adapted, low_rank_delta, low_rank_pair
 
 
 def column_norm(w: mx.array) -> mx.array:
@@ -29,7 +28,7 @@ def dora(rank: int = 8, alpha: float = 16.0, dropout: float = 0.0) -> AdapterKin
 
     def apply(x: mx.array, base, adapter: dict, key: mx.array | None = None) -> mx.array:
         norm = mx.stop_gradient(column_norm(float_weight(base) + low_rank_delta(adapter, scale)))
-        y = base_matmul(x, base) + low_rank_update(x, adapter, scale, dropout, key)
+        y = low_rank_adapted(x, base, adapter, scale, dropout, key)
         return y * (adapter["magnitude"] / norm)
 
     def merge(weight: mx.array, adapter: dict) -> mx.array:

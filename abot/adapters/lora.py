@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from abot.adapters.kind import AdapterKind, low_rank_delta, low_rank_pair, low_rank_update
-from abot.ops.linear import base_matmul
+from abot.adapters.kind import AdapterKind, low_rank_adapted, low_rank_delta, low_rank_pair
 
 
 def lora(rank: int = 8, alpha: float = 16.0, dropout: float = 0.0) -> AdapterKind:
@@ -18,7 +17,7 @@ def lora(rank: int = 8, alpha: float = 16.0, dropout: float = 0.0) -> AdapterKin
     scale = alpha / rank
 
     def apply(x: mx.array, base, adapter: dict, key: mx.array | None = None) -> mx.array:
-        return base_matmul(x, base) + low_rank_update(x, adapter, scale, dropout, key)
+        return low_rank_adapted(x, base, adapter, scale, dropout, key)
 
     def merge(weight: mx.array, adapter: dict) -> mx.array:
         return weight + low_rank_delta(adapter, scale)
