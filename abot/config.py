@@ -50,6 +50,7 @@ class ModelConfig:
     # Speedrun options (modded-nanogpt); the defaults are abot's own model.
     zero_init_out: bool = False  # attention and MLP output projections start at zero (each block starts as identity)
     logit_softcap: Union[float, None] = None  # logits -> cap * tanh(logits / cap); null: no cap
+    value_embeds: bool = False  # every other block (ending with the last) adds a token table of its own to v
 
 
 

@@ -69,6 +69,9 @@ def hf_architecture(m) -> tuple[str, str, dict]:
     if m.logit_softcap is not None:
         raise AbotError(f"model.logit_softcap is {m.logit_softcap}: Llama, Qwen2 and Qwen3 do not cap logits (Gemma 2's "
                         "final_logit_softcapping does; abot does not export to it), so this model cannot be exported")
+    if m.value_embeds:
+        raise AbotError("model.value_embeds is true: no Hugging Face decoder adds a per-token table to its attention "
+                        "values (Llama, Qwen2, Qwen3 and Arcee do not), so this model cannot be exported")
     if m.ffn_activation != "silu":  # ungated: Arcee (Llama with down(act(up x)), transformers >= 4.53)
         if m.qk_norm or m.qkv_bias != m.attn_out_bias:
             raise AbotError(f"model.ffn_activation '{m.ffn_activation}' with model.qk_norm {m.qk_norm}, "

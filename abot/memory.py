@@ -162,7 +162,8 @@ def transformer_param_count(m) -> int:
     mlp = (3 if m.ffn_activation == "silu" else 2) * d * f
     block = attention + mlp + 2 * d
     head = 0 if m.tie_embeddings else d * m.vocab_size
-    return m.vocab_size * d + m.n_layers * block + d + head
+    value_embeds = (m.n_layers + 1) // 2 * m.vocab_size * kv_width if m.value_embeds else 0  # every other block
+    return m.vocab_size * d + m.n_layers * block + d + head + value_embeds
 
 
 @dataclass

@@ -25,7 +25,7 @@ from mlx.utils import tree_flatten, tree_map
 from abot.config import ModelConfig, config_from_dict
 from abot.errors import AbotError, ConfigError
 from abot.memory import estimate_memory, transformer_param_count
-from abot.models.roles import BIAS, NORM
+from abot.models.roles import BIAS, EMBEDDING, NORM
 from abot.models.transformer import count_params, param_role, transformer
 from abot.ops.rope import inverse_frequencies, llama3_inverse_frequencies
 
@@ -76,6 +76,8 @@ def reference_logits(cfg: ModelConfig, params, toks, inv_freq=None):
     for p in params["blocks"]:
         h = norm(x, p["attn_norm"])
         q, k, v = h @ p["wq"] + p.get("bq", 0), h @ p["wk"] + p.get("bk", 0), h @ p["wv"] + p.get("bv", 0)
+        if "value_embed" in p:  # model.value_embeds: the block's own table, looked up by token, added to v
+            v = v + p["value_embed"][toks]
         q, k, v = heads(q, cfg.n_heads), heads(k, kv), heads(v, kv)
         if cfg.qk_norm:
             q, k = norm(q, p["q_norm"]), norm(k, p["k_norm"])
@@ -460,6 +462,33 @@ def test_zero_init_out_starts_every_block_as_the_identity():
     assert mx.abs(transformer(cfg).apply(zeroed, toks) - x @ zeroed["embed"].T).max().item() < 1e-5
 
 
+def test_value_embeds_every_other_block_ending_with_the_last_equal_the_reference():
+    for n_layers, with_table in ((3, [0, 2]), (4, [1, 3])):
+        cfg = ModelConfig(**{**SMALL, "n_layers": n_layers, "n_kv_heads": 2}, value_embeds=True)
+        model = transformer(cfg)
+        params = model.init(mx.random.key(0))
+        plain = transformer(ModelConfig(**{**SMALL, "n_layers": n_layers, "n_kv_heads": 2})).init(mx.random.key(0))
+        assert [i for i, b in enumerate(params["blocks"]) if "value_embed" in b] == with_table
+        assert transformer_param_count(cfg) == count_params(params)
+        toks = tokens()
+        # Zero at init, every other leaf drawn as without the option: the same model to start with.
+        assert mx.array_equal(model.apply(params, toks), transformer(ModelConfig(**{
+            **SMALL, "n_layers": n_layers, "n_kv_heads": 2})).apply(plain, toks)).item()
+        for i in with_table:
+            table = params["blocks"][i]["value_embed"]
+            assert table.shape == (64, 2 * 8) and param_role(f"blocks.{i}.value_embed", table) == EMBEDDING
+            params["blocks"][i]["value_embed"] = mx.random.normal(table.shape, key=mx.random.key(i))
+        logits = model.apply(params, toks)
+        assert mx.abs(logits - reference_logits(cfg, params, toks)).max().item() < 1e-5
+        # Generation's cached path looks up each new token's row.
+        step, cache = model.apply(params, toks[:, :7], cache=model.new_cache())
+        steps = [step]
+        for i in range(7, 10):
+            step, cache = model.apply(params, toks[:, i:i + 1], cache=cache)
+            steps.append(step)
+        assert mx.abs(mx.concatenate(steps, axis=1) - logits[:, :10]).max().item() < 1e-5
+
+
 def test_speedrun_option_errors_and_export_refusals():
     from abot.export import hf_config
 
@@ -469,4 +498,7 @@ def test_speedrun_option_errors_and_export_refusals():
         config_from_dict({"model": {**SMALL, "ffn_activation": "relu"}, "data": {"seq_len": 64}})
     cfg = config_from_dict({"model": {**SMALL, "logit_softcap": 30.0}, "data": {"seq_len": 64}})
     with pytest.raises(AbotError, match="model.logit_softcap is 30.0: Llama, Qwen2 and Qwen3 do not cap logits"):
+        hf_config(cfg)
+    cfg = config_from_dict({"model": {**SMALL, "value_embeds": True}, "data": {"seq_len": 64}})
+    with pytest.raises(AbotError, match="model.value_embeds is true: no Hugging Face decoder"):
         hf_config(cfg)  # ReLU² exports as Arcee: test_export_writes_the_architecture_and_fields

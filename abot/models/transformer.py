@@ -87,11 +87,19 @@ def init_params(cfg: ModelConfig, key: mx.array) -> Params:
         block["w_down"] = normal((h, d), out_std)
         if cfg.zero_init_out:  # drawn first all the same, so every other leaf starts as without the option
             block["wo"], block["w_down"] = mx.zeros_like(block["wo"]), mx.zeros_like(block["w_down"])
+        if has_value_embed(cfg, len(blocks)):  # zero: the model starts as without them, other leaves unchanged
+            block["value_embed"] = mx.zeros((cfg.vocab_size, kv_width))
         blocks.append(block)
     params = {"embed": normal((cfg.vocab_size, d)), "blocks": blocks, "final_norm": mx.ones((d,))}
     if not cfg.tie_embeddings:
         params["head"] = normal((d, cfg.vocab_size))
     return params
+
+
+def has_value_embed(cfg: ModelConfig, layer: int) -> bool:
+    """model.value_embeds: every other block, ending with the last, has a value embedding (nanochat's placement;
+    modded-nanogpt puts its three tables in the first and last blocks)."""
+    return cfg.value_embeds and layer % 2 == (cfg.n_layers - 1) % 2
 
 
 def attention_extras(cfg: ModelConfig) -> Params:
@@ -111,7 +119,7 @@ def attention_extras(cfg: ModelConfig) -> Params:
 
 # init_params' leaves by name (the last component of their path).
 PARAM_ROLES = {"embed": EMBEDDING, "head": HEAD, "final_norm": NORM, "attn_norm": NORM, "mlp_norm": NORM,
-               "q_norm": NORM, "k_norm": NORM, **{b: BIAS for b in ("bq", "bk", "bv", "bo")},
+               "q_norm": NORM, "k_norm": NORM, "value_embed": EMBEDDING, **{b: BIAS for b in ("bq", "bk", "bv", "bo")},
                **{w: HIDDEN for w in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")}}
 
 
@@ -136,23 +144,27 @@ def _linear(x: mx.array, p: Params, weight: str, bias: str) -> mx.array:
     return linear(x, p[weight]) + p[bias] if bias in p else linear(x, p[weight])
 
 
-def _attention_inputs(cfg: ModelConfig, p: Params, h: mx.array, offset: int, periods):
+def _attention_inputs(cfg: ModelConfig, p: Params, h: mx.array, tokens: mx.array, offset: int, periods):
     """q (batch, n_heads, seq, head_dim) and k, v (batch, kv_heads, seq, head_dim), q/k normed and rotated.
 
-    Qwen3 normalises each head of q and k before RoPE (Hugging Face's Qwen3Attention).
+    Qwen3 normalises each head of q and k before RoPE (Hugging Face's Qwen3Attention). A block with a value
+    embedding adds its row for each token to v (value residual: modded-nanogpt, nanochat).
     """
     q = _split_heads(_linear(h, p, "wq", "bq"), cfg.n_heads)
-    k, v = (_split_heads(_linear(h, p, w, b), kv_heads(cfg)) for w, b in (("wk", "bk"), ("wv", "bv")))
+    k, v = (_linear(h, p, w, b) for w, b in (("wk", "bk"), ("wv", "bv")))
+    if "value_embed" in p:
+        v = v + p["value_embed"][tokens]
+    k, v = _split_heads(k, kv_heads(cfg)), _split_heads(v, kv_heads(cfg))
     if cfg.qk_norm:
         q, k = rms_norm(q, p["q_norm"], cfg.norm_eps), rms_norm(k, p["k_norm"], cfg.norm_eps)
     return apply_rope(q, cfg.rope_theta, offset, periods), apply_rope(k, cfg.rope_theta, offset, periods), v
 
 
-def _block(cfg: ModelConfig, p: Params, x: mx.array, keys, kv=None, periods=None):
+def _block(cfg: ModelConfig, p: Params, x: mx.array, tokens: mx.array, keys, kv=None, periods=None):
     """One pre-norm residual block; returns (x, (k, v)) with k, v including any cached positions."""
     offset = 0 if kv is None else kv[0].shape[2]  # kv is None: no cache, or an empty one
     h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
-    q, k, v = _attention_inputs(cfg, p, h, offset, periods)
+    q, k, v = _attention_inputs(cfg, p, h, tokens, offset, periods)
     if kv is not None:
         k, v = mx.concatenate([kv[0], k], axis=2), mx.concatenate([kv[1], v], axis=2)
     b, t, _ = x.shape
@@ -178,7 +190,7 @@ def apply(cfg: ModelConfig, params: Params, tokens: mx.array, key: mx.array | No
     periods = rope_periods(head_dim(cfg), cfg.rope_theta, cfg.rope_scaling)
 
     def block(p, x, *block_keys):
-        return _block(cfg, p, x, block_keys or (None, None), periods=periods)[0]
+        return _block(cfg, p, x, tokens, block_keys or (None, None), periods=periods)[0]
 
     # Gradient checkpointing: keep only each block's input, recompute its inside during backward.
     run_block = mx.checkpoint(block) if checkpoint_blocks else block
@@ -187,7 +199,7 @@ def apply(cfg: ModelConfig, params: Params, tokens: mx.array, key: mx.array | No
         if cache is None:
             x = run_block(p, x, *(keys[2 * i:2 * i + 2] if use_dropout else ()))
         else:
-            x, kv = _block(cfg, p, x, (None, None), cache[i], periods)
+            x, kv = _block(cfg, p, x, tokens, (None, None), cache[i], periods)
             new_cache.append(kv)
     x = rms_norm(x, params["final_norm"], cfg.norm_eps)
     logits = x @ (params["embed"].T if cfg.tie_embeddings else params["head"])
