@@ -29,8 +29,9 @@ What it fixes, for every run alike:
 The recipes, in order: PyTorch AdamW and PyTorch's own `torch.optim.Muon` (blocks' matrices; AdamW on the rest),
 each with its lr swept; abot adamw (lr swept) and abot muon_adamw (lr, then `adamw_lr_scale`, then `ns_steps`,
 swept); where fewer Newton-Schulz steps won, PyTorch's Muon again with as many (it has the same knob); on the
-better of abot's two, each architecture option alone; then the options that beat it, together; then that
-combination on shorter clocks (--minutes x 0.6, 0.7, 0.8, its whole schedule over each), since a recipe that
+better of abot's two, each architecture option alone; then the options that beat it, together, with the share of
+its clock spent in the final decay swept (0.2, 0.4, 0.8; where a longer decay won, the stronger PyTorch reference
+again with the same decay); then that combination on shorter clocks (--minutes x 0.6, 0.7, 0.8, its whole schedule over each), since a recipe that
 runs its decay over the full budget crosses the target only inside that decay. A sweep whose best value is at
 its edge is extended one step. Each run is its own process (MLX fixes its evaluation order at
 its first evaluation, see benchmarks/train_speed.py's `bench_in_child`); the PyTorch processes never import
@@ -75,13 +76,15 @@ ARCH_OPTIONS = {  # abot's speedrun model keys (README "Configuration"), each tr
     "zero_init_out": {"zero_init_out": True},
     "logit_softcap": {"logit_softcap": 30.0},
     "untied_head": {"tie_embeddings": False},
+    "value_embeds": {"value_embeds": True},
 }
 FULL_GRIDS = {"torch_adamw": [2e-3, 4e-3, 8e-3], "torch_muon": [4e-3, 8e-3, 1.6e-2],
               "abot_adamw": [2e-3, 4e-3, 8e-3], "abot_muon": [4e-3, 8e-3, 1.6e-2], "adamw_lr_scale": [1.0, 4.0, 8.0],
-              "ns_steps": [2, 3, 5], "clock": [0.6, 0.7, 0.8]}
+              "ns_steps": [2, 3, 5], "decay": [0.2, 0.4, 0.8],
+              "clock": [0.6, 0.7, 0.8]}
 QUICK_GRIDS = {"torch_adamw": [4e-3, 8e-3], "torch_muon": [8e-3, 1.6e-2],
                "abot_adamw": [4e-3, 8e-3], "abot_muon": [8e-3, 1.6e-2], "adamw_lr_scale": [1.0, 2.0],
-               "ns_steps": [3, 5], "clock": [0.5]}
+               "ns_steps": [3, 5], "decay": [0.2, 0.4], "clock": [0.5]}
 NS_STEPS = 5  # Muon's Newton-Schulz steps by default, in abot and in torch.optim.Muon
 
 
@@ -112,6 +115,7 @@ class Recipe:
     optimizer_args: tuple = ()  # sorted (key, value) pairs, hashable
     model: tuple = ()  # sorted (model key, value) pairs: abot's architecture options
     clock: float = 1.0  # the fraction of the budget this run trains for, its whole schedule laid over it
+    decay: float = DECAY_FRACTION  # the fraction of its clock spent in wsd's final linear decay
 
     def label(self) -> str:
         """A short human name: 'abot muon_adamw lr 8e-3, adamw_lr_scale 2, +qk_norm, 0.7x clock'."""
@@ -119,6 +123,7 @@ class Recipe:
         options = [name for name, keys in ARCH_OPTIONS.items() if set(keys.items()) <= set(self.model)]
         name = "PyTorch" if self.framework == "torch" else "abot"
         return (f"{name} {self.optimizer} " + ", ".join(parts) + "".join(f", +{o}" for o in options)
+                + (f", decay {self.decay:g}" if self.decay != DECAY_FRACTION else "")
                 + (f", {self.clock:g}x clock" if self.clock != 1.0 else ""))
 
     def with_options(self, **options) -> Recipe:
@@ -130,7 +135,7 @@ class Recipe:
 
 def recipe_from_dict(d: dict) -> Recipe:
     return Recipe(d["framework"], d["optimizer"], d["lr"], tuple(tuple(p) for p in d["optimizer_args"]),
-                  tuple(tuple(p) for p in d["model"]), d.get("clock", 1.0))
+                  tuple(tuple(p) for p in d["model"]), d.get("clock", 1.0), d.get("decay", DECAY_FRACTION))
 
 
 # --- data: numpy only (the PyTorch processes must not import abot) ------------------------------------------
@@ -181,24 +186,25 @@ def load_wsd() -> Callable:
     return module.wsd
 
 
-def clock_schedule(lr: float, budget_s: float) -> Callable[[float], float]:
-    """lr at `elapsed` seconds of training: `wsd` over SCHEDULE_GRID steps laid evenly over the budget."""
+def clock_schedule(lr: float, budget_s: float, decay: float = DECAY_FRACTION) -> Callable[[float], float]:
+    """lr at `elapsed` seconds of training: `wsd` over SCHEDULE_GRID steps laid evenly over the budget, its
+    last `decay` of them a linear decay."""
     schedule = load_wsd()(lr, MIN_LR_FRACTION * lr, round(WARMUP_FRACTION * SCHEDULE_GRID), SCHEDULE_GRID,
-                          decay_fraction=DECAY_FRACTION)
+                          decay_fraction=decay)
     return lambda elapsed: schedule(min(SCHEDULE_GRID - 1, int(elapsed / budget_s * SCHEDULE_GRID)))
 
 
 # --- one run: the loop both frameworks share ----------------------------------------------------------------
 
 def train_for_budget(step: Callable[[np.ndarray, float], None], evaluate: Callable[[], float], setup: Setup,
-                     lr: float) -> dict:
+                     recipe: Recipe) -> dict:
     """Train until the clock passes the budget; evaluate at 0, every eval_every_s and at the end.
 
     `step(batch, lr)` returns when the update is done (synchronised); the clock excludes `evaluate`. A non-finite
     held-out loss ends the run early (a diverged learning rate).
     """
     batches = train_batches(load_split(setup.shards, "train"), setup.seq_len, setup.batch, setup.seed)
-    lr_at = clock_schedule(lr, setup.budget_s)
+    lr_at = clock_schedule(recipe.lr, setup.budget_s, recipe.decay)
     tokens_per_step = setup.batch * setup.seq_len
     evals = [{"time_s": 0.0, "step": 0, "tokens": 0, "loss": evaluate()}]
     clock, steps, next_eval = 0.0, 0, setup.eval_every_s
@@ -251,7 +257,7 @@ def abot_run(recipe: Recipe, setup: Setup) -> dict:
     first = next(train_batches(load_split(setup.shards, "train"), setup.seq_len, setup.batch, setup.seed))
     # Warm-up: compiles the step; its result is dropped (the state is a value, so nothing else changes).
     mx.eval(parts.step(state, mx.array(first.astype(np.int32))[None], mx.array(0.0)))
-    return {**train_for_budget(step, evaluate, setup, recipe.lr), "lanes": lanes}
+    return {**train_for_budget(step, evaluate, setup, recipe), "lanes": lanes}
 
 
 def torch_run(recipe: Recipe, setup: Setup) -> dict:
@@ -296,7 +302,7 @@ def torch_run(recipe: Recipe, setup: Setup) -> dict:
     loss_fn(torch.from_numpy(first).to(device)).backward()  # warm-up (torch.compile on a GPU); gradients dropped
     for p in params.values():
         p.grad = None
-    return {**train_for_budget(step, evaluate, setup, recipe.lr), "threads": torch.get_num_threads()}
+    return {**train_for_budget(step, evaluate, setup, recipe), "threads": torch.get_num_threads()}
 
 
 def busy_cpu_seconds() -> float | None:
@@ -374,9 +380,9 @@ class Runner:
             self.save()
         return self.runs[recipe]
 
-    def sweep(self, name: str, grid: list[float], make: Callable[[float], Recipe]) -> Recipe:
+    def sweep(self, name: str, grid: list[float], make: Callable[[float], Recipe], most: float = math.inf) -> Recipe:
         """Run `make(v)` for v in `grid`; extend one step past an edge holding the best (rounded, at least 1,
-        for a grid of integers); the best recipe."""
+        for a grid of integers; not past `most`); the best recipe."""
         values = sorted(grid)
         losses = {v: score(self(make(v))) for v in values}
         best, extended = min(values, key=losses.get), None
@@ -385,7 +391,7 @@ class Runner:
             extended = best / ratio if best == values[0] else best * ratio
             if all(isinstance(v, int) for v in values):
                 extended = max(1, round(extended))
-            if extended not in losses:
+            if extended not in losses and extended <= most:
                 losses[extended] = score(self(make(extended)))
                 best = min(losses, key=losses.get)
             else:
@@ -423,8 +429,16 @@ def run_plan(runner: Runner, grids: dict) -> dict[str, Recipe]:
         if score(runner(rows[f"abot + {name}"])) < score(runner(base)):
             helped.update(keys)
     # The options that beat the base alone, together (one of them: that run again; none: the base).
-    rows["abot best combination"] = base.with_options(**helped)
-    runner(rows["abot best combination"])
+    combination = base.with_options(**helped)
+    # The share of the clock in the final decay (the default is the combination's own run); where a longer one
+    # wins, the stronger PyTorch reference runs with it too, so the target moves with the schedule.
+    rows["abot best combination"] = runner.sweep("abot best combination decay", grids["decay"],
+                                                 lambda d: replace(combination, decay=d), most=1.0)
+    decay = rows["abot best combination"].decay
+    if decay != DECAY_FRACTION:
+        ref = min((n for n, r in rows.items() if r.framework == "torch"), key=lambda n: score(runner(rows[n])))
+        rows[f"{ref}, decay {decay:g}"] = replace(rows[ref], decay=decay)
+        runner(rows[f"{ref}, decay {decay:g}"])
     # Time to quality as speedruns measure it: a recipe picks its length. With the schedule over the whole budget
     # every recipe crosses the target inside its own final decay; on a shorter clock the decay comes sooner.
     for fraction in grids["clock"]:
@@ -618,8 +632,8 @@ def main() -> None:
     runner = Runner(setup, lambda: save_json(path, runner, rows, args.quick),
                     known_runs(path, setup) if args.resume else None)
     grids = QUICK_GRIDS if args.quick else FULL_GRIDS
-    # adamw_lr_scale 1 and ns_steps 5 are runs of the sweeps before them
-    n = sum(len(g) for k, g in grids.items() if k != "clock") - 2 + len(ARCH_OPTIONS) + 1 + len(grids["clock"])
+    # adamw_lr_scale 1 and ns_steps 5 are runs of the sweeps before them; decay 0.2 is the combination's run
+    n = sum(len(g) for k, g in grids.items() if k != "clock") - 2 + len(ARCH_OPTIONS) + len(grids["clock"])
     print(f"Speedrun {label}: d{d}x{layers}, seq {seq}, batch {batch}, {budget:g} s per run; about {n} runs "
           f"(more where a sweep is extended): about {n * budget / 60:.0f} minutes of training plus start-up "
           "and evaluation")

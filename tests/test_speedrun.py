@@ -64,6 +64,11 @@ def test_clock_schedule_is_wsd_over_the_budget():
         assert lr_at(t) == pytest.approx(reference(int(t / 100.0 * grid)))
     assert lr_at(0.0) < 1e-3 and lr_at(50.0) == pytest.approx(1e-2)
     assert lr_at(100.0) == lr_at(500.0) == pytest.approx(1e-3)  # after the budget: min_lr, lr / 10
+    longer = speedrun.clock_schedule(1e-2, budget_s=100.0, decay=0.5)  # a recipe's own decay share
+    reference = wsd(1e-2, 1e-3, round(0.05 * grid), grid, decay_fraction=0.5)
+    for t in (30.0, 49.0, 51.0, 75.0, 99.99):
+        assert longer(t) == pytest.approx(reference(int(t / 100.0 * grid)))
+    assert longer(75.0) < lr_at(75.0) == pytest.approx(1e-2)
 
 
 def fake_runner(monkeypatch, loss_of_lr) -> speedrun.Runner:
@@ -87,6 +92,9 @@ def test_sweep_extends_one_step_past_an_edge(monkeypatch):
     assert len(runner.runs) == 3
     inside = runner.sweep("lr", [4e-3, 1.6e-2, 6.4e-2], lambda lr: speedrun.Recipe("torch", "adamw", lr))
     assert inside.lr == pytest.approx(1.6e-2) and runner.sweeps[-1]["extended_to"] is None
+    longer = fake_runner(monkeypatch, lambda r: 1.0 - r.decay)  # best at the top edge, 0.8; 1.6 is past the clock
+    capped = longer.sweep("decay", [0.4, 0.8], lambda d: speedrun.Recipe("abot", "adamw", 1e-3, decay=d), most=1.0)
+    assert capped.decay == 0.8 and longer.sweeps[-1]["extended_to"] is None and len(longer.runs) == 2
 
 
 def test_sweep_counts_a_diverged_run_as_worst(monkeypatch):
@@ -102,7 +110,7 @@ def test_plan_and_report(monkeypatch, tmp_path):
         ns_steps = dict(r.optimizer_args).get("ns_steps", 5)
         return (5.0 - (r.framework == "torch") * 0.5 - (r.optimizer in ("muon_adamw", "muon")) * 0.6
                 - 0.1 * model.get("qk_norm", 0) - 0.1 * (model.get("ffn_activation") == "relu2") + 0.01 * r.lr
-                + 0.01 * abs(ns_steps - 3))
+                + 0.01 * abs(ns_steps - 3) - 0.1 * r.decay)
 
     runner = fake_runner(monkeypatch, loss)
     rows = speedrun.run_plan(runner, speedrun.QUICK_GRIDS)
@@ -120,6 +128,10 @@ def test_plan_and_report(monkeypatch, tmp_path):
     # ns_steps 3 won abot's sweep, so PyTorch's Muon runs with 3 too, at its own best lr; it is the stronger one.
     torch_3 = rows["PyTorch Muon + AdamW, ns_steps 3"]
     assert dict(torch_3.optimizer_args) == {"ns_steps": 3} and torch_3.lr == rows["PyTorch Muon + AdamW"].lr
+    # A longer decay won (0.4 at the quick grid's edge, then 0.8): the stronger reference runs with it too.
+    decay_sweep = next(s for s in runner.sweeps if s["name"] == "abot best combination decay")
+    assert [p[0] for p in decay_sweep["points"]] == [0.2, 0.4, 0.8] and rows["abot best combination"].decay == 0.8
+    assert rows["PyTorch Muon + AdamW, ns_steps 3, decay 0.8"] == dataclasses.replace(torch_3, decay=0.8)
     short = rows["abot best combination, 0.5x clock"]  # the combination again, its schedule over half the budget
     assert short.clock == 0.5 and dataclasses.replace(short, clock=1.0) == rows["abot best combination"]
     path = tmp_path / "speedrun.json"
@@ -181,5 +193,6 @@ def test_a_shorter_clock_shortens_the_childs_budget_and_keeps_the_eval_interval(
     speedrun.child_main(json.dumps({"recipe": dataclasses.asdict(recipe), "setup": dataclasses.asdict(setup)}))
     assert (seen["setup"].budget_s, seen["setup"].eval_every_s) == (pytest.approx(42.0), 3.0)
     assert recipe.label() == "abot adamw lr 0.001, 0.7x clock"
-    old = {k: v for k, v in dataclasses.asdict(recipe).items() if k != "clock"}  # a JSON from before the field
-    assert speedrun.recipe_from_dict(old).clock == 1.0
+    assert dataclasses.replace(recipe, decay=0.4).label() == "abot adamw lr 0.001, decay 0.4, 0.7x clock"
+    old = {k: v for k, v in dataclasses.asdict(recipe).items() if k not in ("clock", "decay")}  # JSON before them
+    assert (speedrun.recipe_from_dict(old).clock, speedrun.recipe_from_dict(old).decay) == (1.0, 0.2)
