@@ -505,7 +505,8 @@ def sweeps_table(report: dict) -> list[str]:
     lines = ["| sweep | value | final held-out loss | |", "|---|---|---|---|"]
     for s in report["sweeps"]:
         for value, loss, _ in s["points"]:
-            edge = " (still at the edge after extending)" if s["best_at_edge"] else ""
+            edge = "" if not s["best_at_edge"] else " (at the edge after extending)" if s["extended_to"] is not None \
+                else " (at the edge: extending it would pass the limit)"
             mark = f"best{edge}" if value == s["best"] else "extension" if value == s["extended_to"] else ""
             lines.append(f"| {s['name']} | {value:g} | {loss:.3f} | {mark} |")
     return lines

@@ -95,6 +95,8 @@ def test_sweep_extends_one_step_past_an_edge(monkeypatch):
     longer = fake_runner(monkeypatch, lambda r: 1.0 - r.decay)  # best at the top edge, 0.8; 1.6 is past the clock
     capped = longer.sweep("decay", [0.4, 0.8], lambda d: speedrun.Recipe("abot", "adamw", 1e-3, decay=d), most=1.0)
     assert capped.decay == 0.8 and longer.sweeps[-1]["extended_to"] is None and len(longer.runs) == 2
+    assert "| decay | 0.8 | 0.200 | best (at the edge: extending it would pass the limit) |" in \
+        speedrun.sweeps_table({"sweeps": longer.sweeps})
 
 
 def test_sweep_counts_a_diverged_run_as_worst(monkeypatch):
@@ -139,6 +141,8 @@ def test_plan_and_report(monkeypatch, tmp_path):
     report = json.loads(path.read_text())
     table = "\n".join(speedrun.results_table(report))
     assert "abot's best, abot best combination" in table and "| PyTorch AdamW |" in table
+    sweeps = "\n".join(speedrun.sweeps_table(report))
+    assert "| abot best combination decay | 0.8 | 4.120 | best (at the edge after extending) |" in sweeps
     assert speedrun.known_runs(path, runner.setup).keys() == runner.runs.keys()  # --resume finds every run
     pytest.importorskip("matplotlib")  # a benchmark dependency, not a test one
     speedrun.write_report(report, tmp_path)
