@@ -28,7 +28,8 @@ What it fixes, for every run alike:
 
 The recipes, in order: PyTorch AdamW and PyTorch's own `torch.optim.Muon` (blocks' matrices; AdamW on the rest),
 each with its lr swept; abot adamw (lr swept) and abot muon_adamw (lr, then `adamw_lr_scale`, then `ns_steps`,
-swept); where fewer Newton-Schulz steps won, PyTorch's Muon again with as many (it has the same knob); on the
+then AdamW's b1, swept); where other Newton-Schulz steps or b1 won, PyTorch's Muon again with them (it has the
+same knobs); on the
 better of abot's two, each architecture option alone; then the options that beat it, together, with the share of
 its clock spent in the final decay swept (0.2, 0.4, 0.8; where a longer decay won, the stronger PyTorch reference
 again with the same decay); then that combination on shorter clocks (--minutes x 0.6, 0.7, 0.8, its whole
@@ -80,12 +81,13 @@ ARCH_OPTIONS = {  # abot's speedrun model keys (README "Configuration"), each tr
 }
 FULL_GRIDS = {"torch_adamw": [2e-3, 4e-3, 8e-3], "torch_muon": [4e-3, 8e-3, 1.6e-2],
               "abot_adamw": [2e-3, 4e-3, 8e-3], "abot_muon": [4e-3, 8e-3, 1.6e-2], "adamw_lr_scale": [1.0, 4.0, 8.0],
-              "ns_steps": [2, 3, 5], "decay": [0.2, 0.4, 0.8],
+              "ns_steps": [2, 3, 5], "b1": [0.8, 0.9], "decay": [0.2, 0.4, 0.8],
               "clock": [0.6, 0.7, 0.8]}
 QUICK_GRIDS = {"torch_adamw": [4e-3, 8e-3], "torch_muon": [8e-3, 1.6e-2],
                "abot_adamw": [4e-3, 8e-3], "abot_muon": [8e-3, 1.6e-2], "adamw_lr_scale": [1.0, 2.0],
-               "ns_steps": [3, 5], "decay": [0.2, 0.4], "clock": [0.5]}
+               "ns_steps": [3, 5], "b1": [0.8, 0.9], "decay": [0.2, 0.4], "clock": [0.5]}
 NS_STEPS = 5  # Muon's Newton-Schulz steps by default, in abot and in torch.optim.Muon
+B1 = 0.9  # AdamW's first-moment decay by default, in abot's muon_adamw and in the PyTorch references
 
 
 @dataclass(frozen=True)
@@ -415,13 +417,20 @@ def run_plan(runner: Runner, grids: dict) -> dict[str, Recipe]:
     scaled = runner.sweep("abot muon_adamw adamw_lr_scale", grids["adamw_lr_scale"],
                           lambda s: muon.with_optimizer_args(adamw_lr_scale=s))
     # Fewer Newton-Schulz steps: cheaper steps, rougher orthogonalisation. The default is the scale sweep's run.
-    rows["abot muon_adamw"] = runner.sweep("abot muon_adamw ns_steps", grids["ns_steps"], lambda n: scaled
-                                           if n == NS_STEPS else scaled.with_optimizer_args(ns_steps=n))
-    ns_steps = dict(rows["abot muon_adamw"].optimizer_args).get("ns_steps", NS_STEPS)
-    if ns_steps != NS_STEPS:  # torch.optim.Muon has the same knob: the reference gets what abot's sweep found
-        name = f"PyTorch Muon + AdamW, ns_steps {ns_steps}"
-        rows[name] = rows["PyTorch Muon + AdamW"].with_optimizer_args(ns_steps=ns_steps)
-        runner(rows[name])
+    ns = runner.sweep("abot muon_adamw ns_steps", grids["ns_steps"],
+                      lambda n: scaled if n == NS_STEPS else scaled.with_optimizer_args(ns_steps=n))
+    # AdamW's b1 on the embeddings and gains (modded-nanogpt runs 0.8): a shorter memory for a short run.
+    rows["abot muon_adamw"] = runner.sweep("abot muon_adamw b1", grids["b1"], lambda b: ns if b == B1
+                                           else ns.with_optimizer_args(b1=b), most=0.99)
+    # PyTorch's Muon recipe has both knobs: where abot's sweeps moved one, the reference runs with it too (one
+    # knob more per row, at its own best lr); the stronger of its rows sets the target.
+    name, reference = "PyTorch Muon + AdamW", rows["PyTorch Muon + AdamW"]
+    for key, default in (("ns_steps", NS_STEPS), ("b1", B1)):
+        value = dict(rows["abot muon_adamw"].optimizer_args).get(key, default)
+        if value != default:
+            name, reference = f"{name}, {key} {value:g}", reference.with_optimizer_args(**{key: value})
+            rows[name] = reference
+            runner(reference)
     base = min((rows["abot adamw"], rows["abot muon_adamw"]), key=lambda r: score(runner(r)))
     helped = {}
     for name, keys in ARCH_OPTIONS.items():
@@ -633,8 +642,8 @@ def main() -> None:
     runner = Runner(setup, lambda: save_json(path, runner, rows, args.quick),
                     known_runs(path, setup) if args.resume else None)
     grids = QUICK_GRIDS if args.quick else FULL_GRIDS
-    # adamw_lr_scale 1 and ns_steps 5 are runs of the sweeps before them; decay 0.2 is the combination's run
-    n = sum(len(g) for k, g in grids.items() if k != "clock") - 2 + len(ARCH_OPTIONS) + len(grids["clock"])
+    # adamw_lr_scale 1, ns_steps 5 and b1 0.9 are runs of the sweeps before them; decay 0.2 is the combination's run
+    n = sum(len(g) for k, g in grids.items() if k != "clock") - 3 + len(ARCH_OPTIONS) + len(grids["clock"])
     print(f"Speedrun {label}: d{d}x{layers}, seq {seq}, batch {batch}, {budget:g} s per run; about {n} runs "
           f"(more where a sweep is extended): about {n * budget / 60:.0f} minutes of training plus start-up "
           "and evaluation")

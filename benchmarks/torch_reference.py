@@ -75,18 +75,18 @@ def next_token_loss(params: dict, tokens, layers: int, heads: int, cos, sin):
 
 
 def make_optimizers(params: dict, name: str, lr: float, weight_decay: float = 0.02, fused: bool = False,
-                    ns_steps: int = 5) -> list:
+                    ns_steps: int = 5, b1: float = 0.9) -> list:
     """The optimizers of one recipe, to be stepped together: "adamw", or "muon" (PyTorch's own).
 
     "muon": `torch.optim.Muon` on the blocks' matrices, with `adjust_lr_fn="match_rms_adamw"` (0.2
     sqrt(max(rows, cols)), as abot's muon_adamw) so that one lr serves both groups, and AdamW on the rest
-    (embedding, norms). AdamW: betas 0.9/0.95, weight decay on matrices only.
+    (embedding, norms). AdamW: betas b1/0.95 (b1 0.9 by default), weight decay on matrices only.
     """
     hidden = {k: p for k, p in params.items() if name == "muon" and "." in k and p.ndim == 2}
     rest = [p for k, p in params.items() if k not in hidden]
     groups = [{"params": [p for p in rest if p.ndim >= 2], "weight_decay": weight_decay},
               {"params": [p for p in rest if p.ndim < 2], "weight_decay": 0.0}]
-    opts = [torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.95), eps=1e-8,
+    opts = [torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(b1, 0.95), eps=1e-8,
                               **({"fused": True} if fused else {}))]
     if name == "muon":
         opts.append(torch.optim.Muon(list(hidden.values()), lr=lr, weight_decay=weight_decay,

@@ -109,10 +109,10 @@ def test_plan_and_report(monkeypatch, tmp_path):
     """The whole plan on fake runs: every row, the combination of the options that helped, the table, the plot."""
     def loss(r):
         model = dict(r.model)
-        ns_steps = dict(r.optimizer_args).get("ns_steps", 5)
+        args = dict(r.optimizer_args)
         return (5.0 - (r.framework == "torch") * 0.5 - (r.optimizer in ("muon_adamw", "muon")) * 0.6
                 - 0.1 * model.get("qk_norm", 0) - 0.1 * (model.get("ffn_activation") == "relu2") + 0.01 * r.lr
-                + 0.01 * abs(ns_steps - 3) - 0.1 * r.decay)
+                + 0.01 * abs(args.get("ns_steps", 5) - 3) + 0.01 * args.get("b1", 0.9) - 0.1 * r.decay)
 
     runner = fake_runner(monkeypatch, loss)
     rows = speedrun.run_plan(runner, speedrun.QUICK_GRIDS)
@@ -126,14 +126,21 @@ def test_plan_and_report(monkeypatch, tmp_path):
     # sweep's run, not a second one with ns_steps written out.
     ns_sweep = next(s for s in runner.sweeps if s["name"] == "abot muon_adamw ns_steps")
     assert [p[0] for p in ns_sweep["points"]] == [2, 3, 5] and (ns_sweep["best"], ns_sweep["extended_to"]) == (3, 2)
-    assert all(a.get("ns_steps") != 5 for a in muon_args)
-    # ns_steps 3 won abot's sweep, so PyTorch's Muon runs with 3 too, at its own best lr; it is the stronger one.
+    assert all(a.get("ns_steps") != 5 and a.get("b1") != 0.9 for a in muon_args)
+    # b1: the quick grid's 0.8 and 0.9 (the ns_steps sweep's run), then 0.8 / (0.9 / 0.8) below its edge.
+    b1_sweep = next(s for s in runner.sweeps if s["name"] == "abot muon_adamw b1")
+    assert [p[0] for p in b1_sweep["points"]] == pytest.approx([0.8 ** 2 / 0.9, 0.8, 0.9])
+    assert dict(rows["abot muon_adamw"].optimizer_args)["b1"] == pytest.approx(0.8 ** 2 / 0.9)
+    # ns_steps 3, then that b1, won abot's sweeps, so PyTorch's Muon runs with each in turn, at its own best lr;
+    # the one with both is the stronger reference here.
     torch_3 = rows["PyTorch Muon + AdamW, ns_steps 3"]
     assert dict(torch_3.optimizer_args) == {"ns_steps": 3} and torch_3.lr == rows["PyTorch Muon + AdamW"].lr
+    name = "PyTorch Muon + AdamW, ns_steps 3, b1 0.711111"
+    assert rows[name] == torch_3.with_optimizer_args(b1=dict(rows["abot muon_adamw"].optimizer_args)["b1"])
     # A longer decay won (0.4 at the quick grid's edge, then 0.8): the stronger reference runs with it too.
     decay_sweep = next(s for s in runner.sweeps if s["name"] == "abot best combination decay")
     assert [p[0] for p in decay_sweep["points"]] == [0.2, 0.4, 0.8] and rows["abot best combination"].decay == 0.8
-    assert rows["PyTorch Muon + AdamW, ns_steps 3, decay 0.8"] == dataclasses.replace(torch_3, decay=0.8)
+    assert rows[f"{name}, decay 0.8"] == dataclasses.replace(rows[name], decay=0.8)
     short = rows["abot best combination, 0.5x clock"]  # the combination again, its schedule over half the budget
     assert short.clock == 0.5 and dataclasses.replace(short, clock=1.0) == rows["abot best combination"]
     path = tmp_path / "speedrun.json"
@@ -142,7 +149,7 @@ def test_plan_and_report(monkeypatch, tmp_path):
     table = "\n".join(speedrun.results_table(report))
     assert "abot's best, abot best combination" in table and "| PyTorch AdamW |" in table
     sweeps = "\n".join(speedrun.sweeps_table(report))
-    assert "| abot best combination decay | 0.8 | 4.120 | best (at the edge after extending) |" in sweeps
+    assert "| abot best combination decay | 0.8 | 4.127 | best (at the edge after extending) |" in sweeps
     assert speedrun.known_runs(path, runner.setup).keys() == runner.runs.keys()  # --resume finds every run
     pytest.importorskip("matplotlib")  # a benchmark dependency, not a test one
     speedrun.write_report(report, tmp_path)
