@@ -116,8 +116,10 @@ class _HashingWriter:
         self.sha256.update(data)
         self.f.write(data)
 
-    def pack(self, obj: Any) -> None:
-        self.write(self.packer.pack(obj))
+    def pack(self, *objs: Any) -> None:
+        """Pack each of `objs` in turn: a map's keys and values follow its header this way."""
+        for obj in objs:
+            self.write(self.packer.pack(obj))
 
     def pack_bin(self, data: memoryview) -> None:
         # msgpack bin 8/16/32 header written by hand so the array bytes go to the file uncopied.
@@ -179,13 +181,7 @@ def _write_tree(out: _HashingWriter, tree: Any, where: str, arrays_allowed: bool
             raise AbotError(f"{where}: meta holds plain values only; put arrays in a tree")
         raw = array_to_little_endian(tree)
         out.write(out.packer.pack_map_header(4))
-        out.pack(ARRAY_KEY)
-        out.pack(1)
-        out.pack("dtype")
-        out.pack(dtype_name(tree.dtype))
-        out.pack("shape")
-        out.pack(list(tree.shape))
-        out.pack("data")
+        out.pack(ARRAY_KEY, 1, "dtype", dtype_name(tree.dtype), "shape", list(tree.shape), "data")
         out.pack_bin(memoryview(raw.reshape(-1).view(np.uint8)))  # flat bytes; also for 0-d and empty arrays
     else:
         out.pack(_plain_scalar(tree, where))
@@ -193,13 +189,7 @@ def _write_tree(out: _HashingWriter, tree: Any, where: str, arrays_allowed: bool
 
 def _write_payload(out: _HashingWriter, trees: dict, step: int, meta: dict) -> None:
     out.write(out.packer.pack_map_header(5))
-    out.pack("format_version")
-    out.pack(FORMAT_VERSION)
-    out.pack("abot_version")
-    out.pack(__version__)
-    out.pack("step")
-    out.pack(int(step))
-    out.pack("meta")
+    out.pack("format_version", FORMAT_VERSION, "abot_version", __version__, "step", int(step), "meta")
     _write_tree(out, meta, "meta", arrays_allowed=False)
     out.pack("trees")
     _write_tree(out, trees, "trees")

@@ -27,17 +27,16 @@ What it fixes, for every run alike:
   cannot tell: the previous run's own threads keep it near 2 for a minute after.)
 
 The recipes, in order: PyTorch AdamW and PyTorch's own `torch.optim.Muon` (blocks' matrices; AdamW on the rest),
-each with its lr swept; abot adamw (lr swept) and abot muon_adamw (lr, then `adamw_lr_scale`, then `ns_steps`,
-then AdamW's b1, swept); where other Newton-Schulz steps or b1 won, PyTorch's Muon again with them (it has the
-same knobs); on the
-better of abot's two, each architecture option alone; then the options that beat it, together, with the share of
-its clock spent in the final decay swept (0.2, 0.4, 0.8; where a longer decay won, the stronger PyTorch reference
-again with the same decay); then that combination on shorter clocks (--minutes x 0.6, 0.7, 0.8, its whole
-schedule over each), since a recipe that runs its decay over the full budget crosses the target only inside that
-decay. A sweep whose best value is at its edge is extended one step. Each run is its own process (MLX fixes its
-evaluation order at its first evaluation, see benchmarks/train_speed.py's `bench_in_child`); the PyTorch
-processes never import abot. The target is the stronger PyTorch reference's final held-out loss; a recipe's time to it is the
-training clock at its first evaluation at or below it (resolution: the evaluation interval).
+each with its lr swept; abot adamw (lr swept) and abot muon_adamw (lr, then `adamw_lr_scale`, then `ns_steps`, then
+AdamW's b1, swept); where other Newton-Schulz steps or b1 won, PyTorch's Muon again with them (it has the same
+knobs); on the better of abot's two, each architecture option alone; then the options that beat it, together, with
+the share of its clock spent in the final decay swept (0.2, 0.4, 0.8; where a longer decay won, the stronger
+PyTorch reference again with the same decay); then that combination on shorter clocks (--minutes x 0.6, 0.7, 0.8,
+its whole schedule over each), since a recipe that runs its decay over the full budget crosses the target only
+inside that decay. A sweep whose best value is at its edge is extended one step. Each run is its own process (MLX
+fixes its evaluation order at its first evaluation, see benchmarks/train_speed.py's `bench_in_child`); the PyTorch
+processes never import abot. The target is the stronger PyTorch reference's final held-out loss; a recipe's time to
+it is the training clock at its first evaluation at or below it (resolution: the evaluation interval).
 
 Output under --out: speedrun.md (the tables), speedrun.png (loss against wall-clock, every recipe),
 speedrun.json (every evaluation of every run; --resume reuses the runs already in it).
