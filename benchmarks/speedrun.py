@@ -424,8 +424,9 @@ def run_plan(runner: Runner, grids: dict) -> dict[str, Recipe]:
     # PyTorch's Muon recipe has both knobs: where abot's sweeps moved one, the reference runs with it too (one
     # knob more per row, at its own best lr); the stronger of its rows sets the target.
     name, reference = "PyTorch Muon + AdamW", rows["PyTorch Muon + AdamW"]
+    tuned = dict(rows["abot muon_adamw"].optimizer_args)
     for key, default in (("ns_steps", NS_STEPS), ("b1", B1)):
-        value = dict(rows["abot muon_adamw"].optimizer_args).get(key, default)
+        value = tuned.get(key, default)
         if value != default:
             name, reference = f"{name}, {key} {value:g}", reference.with_optimizer_args(**{key: value})
             rows[name] = reference
