@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import mlx.core as mx
 
-from abot.adapters.tree import adapter_role, attach, freeze, init_adapters
+from abot.adapters.tree import adapter_role, attach, describe, freeze, init_adapters
 from abot.build import build_adapter, build_model, build_optimizer, build_schedule, ensure_tokenizer
 from abot.checkpoint import latest_checkpoint, save_rotating
 from abot.config import Config, TrainConfig
@@ -174,6 +174,8 @@ def build_run(cfg: Config, stage: str | Stage = "pretrain", resume: bool = False
                               else (parts.model.init(init_key), None))
     params, frozen = trainable(cfg, parts, init_params, init_key)
     base = base_identity(init_path) if frozen is not None else None
+    if frozen is not None:
+        say(describe(cfg.adapter, params, frozen))
     state, start, data_state, changes = init_state(params, parts.optimizer, key, t.precision), 0, None, []
     opened = resume_point(cfg, resume, say)
     if opened is not None:

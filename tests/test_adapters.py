@@ -20,7 +20,7 @@ from mlx.utils import tree_flatten
 from abot import registry
 from abot.adapters.dora import dora
 from abot.adapters.lora import lora
-from abot.adapters.tree import attach, merge
+from abot.adapters.tree import attach, describe, merge
 from abot.checkpoint import latest_checkpoint, load_checkpoint
 from abot.config import ConfigError, config_from_dict
 from abot.errors import AbotError
@@ -200,6 +200,23 @@ def test_an_unknown_kind_and_a_missing_base_are_refused():
     with pytest.raises(ConfigError, match=r"adapter.kind 'lora' needs train.init_from"):
         config_from_dict({"adapter": {"kind": "lora"}})
     assert {"lora", "dora"} <= set(registry.adapters.names())
+
+
+def test_targets_the_model_lacks_are_skipped_and_said_and_none_present_is_an_error():
+    cfg = config_from_dict({"model": {**MODEL, "ffn_activation": "relu2"}, "data": {"seq_len": 16},
+                            "train": {"init_from": "base"},
+                            "adapter": {"kind": "lora", "rank": 4, "targets": ["q", "gate", "down"]}})
+    parts = build_step(cfg, STAGES["pretrain"])
+    base = parts.model.init(mx.random.key(1))
+    adapters, frozen = trainable(cfg, parts, base, mx.random.key(2))
+    assert [sorted(b) for b in adapters["blocks"]] == [["w_down", "wq"]] * 2  # a ReLU² MLP has no gate
+    # 2 blocks x (q: A 64x4 + B 4x64; down: A 256x4 + B 4x64) = 2 x (512 + 1280) = 3584 parameters
+    assert describe(cfg.adapter, adapters, frozen) == (
+        "adapters: lora rank 4 on q, down in 2 blocks, 3,584 parameters to train (gate: not in this model, skipped)")
+    with pytest.raises(AbotError, match=r"adapter.targets \['gate'\]: the model has none of these projections; "
+                                        r"its blocks have q, k, v, o, up, down"):
+        trainable(config_from_dict({**cfg.to_dict(), "adapter": {"kind": "lora", "targets": ["gate"]}}), parts,
+                  base, mx.random.key(2))
 
 
 def test_a_different_base_is_refused_with_one_message(tmp_path):

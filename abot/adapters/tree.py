@@ -28,11 +28,32 @@ def target_leaves(cfg: AdapterConfig) -> list[str]:
 
 
 def init_adapters(base: dict, kind: AdapterKind, cfg: AdapterConfig, key: mx.array) -> dict:
-    """A fresh adapter for each targeted projection of each block (the model then computes the base's logits)."""
+    """A fresh adapter for each targeted projection of each block (the model then computes the base's logits).
+    A target the model lacks (gate in a ReLU² or GELU MLP) is skipped, as PEFT skips an unmatched name; a list
+    with none of the model's projections is an error."""
     names = target_leaves(cfg)
+    if not any(name in block for block in base["blocks"] for name in names):
+        raise AbotError(f"adapter.targets {list(cfg.targets)}: the model has none of these projections; its blocks "
+                        f"have {', '.join(present_targets(base))}")
     keys = iter(mx.random.split(key, len(base["blocks"]) * len(names)))
     return {"blocks": [{name: kind.init(block[name], next(keys)) for name in names if name in block}
                        for block in base["blocks"]]}
+
+
+def present_targets(base: dict) -> list[str]:
+    """The adapter target names (q, k, ..., down) that are projections of this model's blocks."""
+    return [t for t, leaf in ADAPTER_TARGETS.items() if any(leaf in block for block in base["blocks"])]
+
+
+def describe(cfg: AdapterConfig, adapters: dict, frozen: dict) -> str:
+    """One line for the start of a run: what is adapted, what trains, and the targets this model lacks."""
+    present = present_targets(frozen)
+    missing = [t for t in cfg.targets if t not in present]
+    n = sum(leaf.size for block in adapters["blocks"] for a in block.values() for leaf in a.values())
+    bits = f", base quantized to {cfg.quantize_bits} bits" if cfg.quantize_bits else ""
+    return (f"adapters: {cfg.kind} rank {cfg.rank} on {', '.join(t for t in cfg.targets if t in present)} in "
+            f"{len(adapters['blocks'])} blocks, {n:,} parameters to train{bits}"
+            + (f" ({', '.join(missing)}: not in this model, skipped)" if missing else ""))
 
 
 def freeze(base: dict, cfg: AdapterConfig, dtype: mx.Dtype) -> dict:
