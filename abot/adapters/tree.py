@@ -17,6 +17,7 @@ from abot.config import AdapterConfig
 from abot.config_rules import ADAPTER_TARGETS
 from abot.errors import AbotError
 from abot.models.roles import OTHER
+from abot.models.transformer import count_params
 from abot.ops.linear import dequantize, is_quantized, quantize
 
 PROJECTIONS = tuple(ADAPTER_TARGETS.values())  # the block leaves that are projection weights
@@ -49,7 +50,7 @@ def describe(cfg: AdapterConfig, adapters: dict, frozen: dict) -> str:
     """One line for the start of a run: what is adapted, what trains, and the targets this model lacks."""
     present = present_targets(frozen)
     missing = [t for t in cfg.targets if t not in present]
-    n = sum(leaf.size for block in adapters["blocks"] for a in block.values() for leaf in a.values())
+    n = count_params(adapters)
     bits = f", base quantized to {cfg.quantize_bits} bits" if cfg.quantize_bits else ""
     return (f"adapters: {cfg.kind} rank {cfg.rank} on {', '.join(t for t in cfg.targets if t in present)} in "
             f"{len(adapters['blocks'])} blocks, {n:,} parameters to train{bits}"
