@@ -38,6 +38,11 @@ fixes its evaluation order at its first evaluation, see benchmarks/train_speed.p
 processes never import abot. The target is the stronger PyTorch reference's final held-out loss; a recipe's time to
 it is the training clock at its first evaluation at or below it (resolution: the evaluation interval).
 
+Then the decisive pair, that reference and abot's best row, runs again --repeats times (default 2), alternating:
+identical runs on a shared CPU differ by 10-16% in step count from one minute to the next, which moves the
+time-to-target ratio by as much. Each pair is scored against its own reference run, and the report gives every
+pair's ratio and their median beside the plan's single verdict.
+
 Output under --out: speedrun.md (the tables), speedrun.png (loss against wall-clock, every recipe),
 speedrun.json (every evaluation of every run; --resume reuses the runs already in it).
 """
@@ -50,6 +55,7 @@ import json
 import math
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -117,6 +123,7 @@ class Recipe:
     model: tuple = ()  # sorted (model key, value) pairs: abot's architecture options
     clock: float = 1.0  # the fraction of the budget this run trains for, its whole schedule laid over it
     decay: float = DECAY_FRACTION  # the fraction of its clock spent in wsd's final linear decay
+    repeat: int = 0  # > 0: the same run again (only the machine's timing differs), for the repeated pairs
 
     def label(self) -> str:
         """A short human name: 'abot muon_adamw lr 8e-3, adamw_lr_scale 2, +qk_norm, 0.7x clock'."""
@@ -125,7 +132,8 @@ class Recipe:
         name = "PyTorch" if self.framework == "torch" else "abot"
         return (f"{name} {self.optimizer} " + ", ".join(parts) + "".join(f", +{o}" for o in options)
                 + (f", decay {self.decay:g}" if self.decay != DECAY_FRACTION else "")
-                + (f", {self.clock:g}x clock" if self.clock != 1.0 else ""))
+                + (f", {self.clock:g}x clock" if self.clock != 1.0 else "")
+                + (f", repeat {self.repeat}" if self.repeat else ""))
 
     def with_options(self, **options) -> Recipe:
         return replace(self, model=tuple(sorted({**dict(self.model), **options}.items())))
@@ -136,7 +144,8 @@ class Recipe:
 
 def recipe_from_dict(d: dict) -> Recipe:
     return Recipe(d["framework"], d["optimizer"], d["lr"], tuple(tuple(p) for p in d["optimizer_args"]),
-                  tuple(tuple(p) for p in d["model"]), d.get("clock", 1.0), d.get("decay", DECAY_FRACTION))
+                  tuple(tuple(p) for p in d["model"]), d.get("clock", 1.0), d.get("decay", DECAY_FRACTION),
+                  d.get("repeat", 0))
 
 
 # --- data: numpy only (the PyTorch processes must not import abot) ------------------------------------------
@@ -457,6 +466,18 @@ def run_plan(runner: Runner, grids: dict) -> dict[str, Recipe]:
     return rows
 
 
+def run_repeats(runner: Runner, report: dict, repeats: int) -> dict:
+    """The stronger reference's row and abot's best row again, `repeats` times, alternating; with the plan's own
+    runs as the first pair: {"reference": row name, "abot": row name, "pairs": [[reference result, abot's]]}."""
+    rows, results = report["rows"], report["results"]
+    ref, target = reference_and_target(rows, results)
+    best = best_abot(rows, results, target)
+    pairs = [[results[ref], results[best]]]
+    for i in range(1, repeats + 1):
+        pairs.append([runner(replace(recipe_from_dict(rows[name]), repeat=i)) for name in (ref, best)])
+    return {"reference": ref, "abot": best, "pairs": pairs}
+
+
 # --- the report ---------------------------------------------------------------------------------------------
 
 def time_to(result: dict, target: float) -> float | None:
@@ -486,6 +507,10 @@ def fmt_share(result: dict) -> str:
     return "-" if share is None else f"{share:.0%}" + (" (busy)" if share > QUIET else "")
 
 
+def fmt_ratio(ratio: float) -> str:
+    return "never" if math.isinf(ratio) else f"{ratio:.2f}x"
+
+
 def fmt_time(t: float | None) -> str:
     return "never" if t is None else f"{t:.0f} s" if t >= 10 else f"{t:.1f} s"
 
@@ -508,6 +533,30 @@ def results_table(report: dict) -> list[str]:
     verdict = (f"{t / ref_time:.2f}x the reference's wall-clock (issue 23's target: <= 0.60x)" if t is not None
                and ref_time else f"does not reach it (final {score(results[best]):.3f})")
     return lines + ["", f"abot's best, {best}: {verdict}."]
+
+
+def pair_ratio(reference: dict, abot: dict) -> float:
+    """abot's time to the reference run's final loss over the reference's own; inf where abot never reaches it."""
+    target = score(reference)
+    t, ref_t = time_to(abot, target), time_to(reference, target)
+    return t / ref_t if t is not None and ref_t else math.inf
+
+
+def repeats_table(report: dict) -> list[str]:
+    """The repeated pairs: each reference run's final loss and steps, when abot's run of the pair reached it."""
+    rep = report.get("repeats")
+    if not rep or len(rep["pairs"]) < 2:
+        return []
+    lines = [f"The decisive pair again, alternating: {rep['reference']}, then {rep['abot']}; each pair against "
+             "its own reference run (pair 1: the plan's runs).", "",
+             "| pair | reference final | reference steps | abot steps | abot reaches it at | vs the reference |",
+             "|---|---|---|---|---|---|"]
+    ratios = [pair_ratio(ref, abot) for ref, abot in rep["pairs"]]
+    for i, ((ref, abot), ratio) in enumerate(zip(rep["pairs"], ratios), 1):
+        lines.append(f"| {i} | {score(ref):.3f} | {ref.get('steps', 0)} | {abot.get('steps', 0)} | "
+                     f"{fmt_time(time_to(abot, score(ref)))} | {fmt_ratio(ratio)} |")
+    return lines + ["", f"Median of the {len(ratios)} pairs: {fmt_ratio(statistics.median(ratios))} "
+                        "(issue 23's target: <= 0.60x)."]
 
 
 def sweeps_table(report: dict) -> list[str]:
@@ -563,7 +612,9 @@ def write_report(report: dict, out: Path) -> None:
     head = [f"# Speedrun: d{s['d_model']}x{s['n_layers']}, {s['n_heads']} heads, seq {s['seq_len']}, batch "
             f"{s['batch']}, vocab {VOCAB}, {s['budget_s']:g} s of training per run, held-out loss every "
             f"{s['eval_every_s']:g} s" + (" (a quick check, not a result)" if report.get("quick") else ""), ""]
-    text = "\n".join(head + results_table(report) + ["", "Sweeps:", ""] + sweeps_table(report)) + "\n"
+    repeats = repeats_table(report)
+    text = "\n".join(head + results_table(report) + ([""] + repeats if repeats else []) + ["", "Sweeps:", ""]
+                     + sweeps_table(report)) + "\n"
     (out / "speedrun.md").write_text(text)
     plot(report, out / "speedrun.png")
     print(text)
@@ -587,11 +638,12 @@ def prepare_data(work: Path) -> Path:
     return shards
 
 
-def save_json(path: Path, runner: Runner, rows: dict, quick: bool) -> None:
+def save_json(path: Path, runner: Runner, rows: dict, quick: bool, repeats: dict | None = None) -> None:
     report = {"setup": asdict(runner.setup), "quick": quick, "vocab": VOCAB,
               "runs": [{"recipe": asdict(r), **res} for r, res in runner.runs.items()],
               "sweeps": runner.sweeps, "rows": {n: asdict(r) for n, r in rows.items()},
-              "results": {n: runner.runs[r] for n, r in rows.items() if r in runner.runs}}
+              "results": {n: runner.runs[r] for n, r in rows.items() if r in runner.runs},
+              **({"repeats": repeats} if repeats else {})}
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(report, indent=1))
     os.replace(tmp, path)
@@ -616,6 +668,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--work", default="~/.cache/abot/speedrun", help="where the tokenizer and shards are kept")
     parser.add_argument("--out", default=None, help="output folder (default: WORK/out-SIZE or WORK/out-quick)")
     parser.add_argument("--precision", default="float32", help="float32; bfloat16 on a GPU")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="runs of the decisive pair (the reference, abot's best) after the plan, alternating")
     parser.add_argument("--resume", action="store_true", help="reuse the runs already in OUT/speedrun.json")
     parser.add_argument("--report", help="regenerate the table and plot from a speedrun.json, running nothing")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: one run, JSON in, JSON out
@@ -643,12 +697,15 @@ def main() -> None:
                     known_runs(path, setup) if args.resume else None)
     grids = QUICK_GRIDS if args.quick else FULL_GRIDS
     # adamw_lr_scale 1, ns_steps 5 and b1 0.9 are runs of the sweeps before them; decay 0.2 is the combination's run
-    n = sum(len(g) for k, g in grids.items() if k != "clock") - 3 + len(ARCH_OPTIONS) + len(grids["clock"])
+    n = (sum(len(g) for k, g in grids.items() if k != "clock") - 3 + len(ARCH_OPTIONS) + len(grids["clock"])
+         + 2 * args.repeats)
     print(f"Speedrun {label}: d{d}x{layers}, seq {seq}, batch {batch}, {budget:g} s per run; about {n} runs "
           f"(more where a sweep is extended): about {n * budget / 60:.0f} minutes of training plus start-up "
           "and evaluation")
     rows.update(run_plan(runner, grids))
     save_json(path, runner, rows, args.quick)
+    repeats = run_repeats(runner, json.loads(path.read_text()), args.repeats)
+    save_json(path, runner, rows, args.quick, repeats)
     write_report(json.loads(path.read_text()), out)
 
 

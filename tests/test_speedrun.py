@@ -156,6 +156,33 @@ def test_plan_and_report(monkeypatch, tmp_path):
     assert (tmp_path / "speedrun.png").stat().st_size > 1000
 
 
+def test_repeats_score_each_pair_against_its_own_reference_run(monkeypatch, tmp_path):
+    """The decisive pair run again, alternating: each abot run against the reference run of its own pair."""
+    final = {"torch": {0: 4.0, 1: 4.4, 2: 3.8}, "abot": {0: 3.0, 1: 2.2, 2: 4.0}}  # by repeat: the machine drifts
+    runner = fake_runner(monkeypatch, lambda r: final[r.framework][r.repeat])
+    rows = {"PyTorch Muon + AdamW": speedrun.Recipe("torch", "muon", 8e-3),
+            "abot best combination, 0.8x clock": speedrun.Recipe("abot", "muon_adamw", 4e-3, clock=0.8)}
+    for recipe in rows.values():
+        runner(recipe)
+    path = tmp_path / "speedrun.json"
+    speedrun.save_json(path, runner, rows, quick=True)
+    repeats = speedrun.run_repeats(runner, json.loads(path.read_text()), 2)
+    assert repeats["reference"] == "PyTorch Muon + AdamW" and repeats["abot"] == "abot best combination, 0.8x clock"
+    assert [[speedrun.score(a), speedrun.score(b)] for a, b in repeats["pairs"]] == [[4.0, 3.0], [4.4, 2.2],
+                                                                                      [3.8, 4.0]]
+    assert [r.repeat for r in runner.runs] == [0, 0, 1, 1, 2, 2]
+    assert [r.framework for r in runner.runs] == ["torch", "abot"] * 3  # alternating
+    speedrun.save_json(path, runner, rows, quick=True, repeats=repeats)
+    report = json.loads(path.read_text())
+    # The fake runs reach their final loss L at time L: pair ratios 3.0 / 4.0, 2.2 / 4.4, never (4.0 > 3.8).
+    table = "\n".join(speedrun.repeats_table(report))
+    assert "| 1 | 4.000 | 10 | 10 | 3.0 s | 0.75x |" in table and "| 2 | 4.400 | 10 | 10 | 2.2 s | 0.50x |" in table
+    assert "| 3 | 3.800 | 10 | 10 | never | never |" in table
+    assert "Median of the 3 pairs: 0.75x" in table
+    assert speedrun.known_runs(path, runner.setup).keys() == runner.runs.keys()  # --resume keeps the repeats apart
+    assert speedrun.repeats_table({k: v for k, v in report.items() if k != "repeats"}) == []  # older JSONs
+
+
 def test_abot_and_the_pytorch_reference_score_the_same_weights_alike():
     """One evaluator in effect: abot's next_token loss and torch_reference's, on abot's initial weights."""
     torch = pytest.importorskip("torch")
