@@ -107,7 +107,7 @@ def announce(run: Run, console: Console, logger) -> None:
         logger.event("resume_config_changes", changes=run.config_changes)
         console.print("Config changes since the checkpoint: " + "; ".join(run.config_changes))
     console.print(f"abot {__version__} | {device.describe()}")
-    trained = "adapter parameters" if run.base else "parameters"  # with adapters, n_params counts what trains
+    trained = "parameters" if run.parts.adapter is None else "adapter parameters"  # n_params counts what trains
     console.print(f"model: {run.cfg.model.name}, {run.n_params / 1e6:.2f}M {trained} | optimizer: {t.optimizer} | "
                   f"schedule: {t.schedule} | precision: {t.precision} | batch: "
                   + (f"{w.size} ranks x " if w.size > 1 else "")

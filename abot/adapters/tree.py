@@ -33,9 +33,10 @@ def init_adapters(base: dict, kind: AdapterKind, cfg: AdapterConfig, key: mx.arr
     A target the model lacks (gate in a ReLU² or GELU MLP) is skipped, as PEFT skips an unmatched name; a list
     with none of the model's projections is an error."""
     names = target_leaves(cfg)
-    if not any(name in block for block in base["blocks"] for name in names):
+    present = present_targets(base)
+    if not any(t in present for t in cfg.targets):
         raise AbotError(f"adapter.targets {list(cfg.targets)}: the model has none of these projections; its blocks "
-                        f"have {', '.join(present_targets(base))}")
+                        f"have {', '.join(present)}")
     keys = iter(mx.random.split(key, len(base["blocks"]) * len(names)))
     return {"blocks": [{name: kind.init(block[name], next(keys)) for name in names if name in block}
                        for block in base["blocks"]]}
