@@ -11,7 +11,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from abot.errors import AbotError
 from abot.optim.adamw import adamw
-from abot.optim.muon import NS_COEFFICIENTS, newton_schulz, muon, update_scale
+from abot.optim.muon import NS_COEFFICIENTS, muon, muon_cost, newton_schulz, newton_schulz_flops, update_scale
 from abot.optim.muon_adamw import is_hidden_matrix, muon_adamw
 from abot.optim.sgd import sgd
 from abot.registry import optimizers
@@ -325,6 +325,49 @@ def test_spread_places_leaves_on_the_least_loaded_stream_without_changing_the_up
         spread_out = opt.update(grads, opt.init(params), params, mx.array(0.01))
     for (k, x), (_, y) in zip(tree_flatten(plain), tree_flatten(spread_out)):
         assert mx.array_equal(x, y).item(), k
+
+
+def test_newton_schulz_flops_count_each_form_by_hand():
+    # Direct (256 x 256, 3 steps): per step G = X X^T, G G and (bG + cG^2) X, each 2 * 256^3.
+    assert newton_schulz_flops((256, 256), 3) == 3 * 3 * 2 * 256 ** 3
+    # Gram (a 1024 x 256 MLP weight is transposed to 256 x 1024): G and P X_0 are 2 * 256^2 * 1024 each; per step
+    # G G, then P <- q P from the second step and G <- q (q G) up to the second-to-last, all 256 x 256.
+    assert newton_schulz_flops((1024, 256), 3) == 2 * 2 * 256 ** 2 * 1024 + 2 * 256 ** 3 * (3 + 2 + 2 * 2)
+    # The docstring of _newton_schulz_gram: 4 m^2 n + 34 m^3 for 5 steps.
+    assert newton_schulz_flops((512, 2048), 5) == 4 * 512 ** 2 * 2048 + 34 * 512 ** 3
+
+
+def test_muon_adamw_spreads_newton_schulz_work_evenly(monkeypatch):
+    """tiny's tree (embedding 8000 x 256, then 6 blocks of 4 square and 2 wide matrices) over 2 streams: by size
+    the embedding filled the first stream and 10.6 of Newton-Schulz's 14.1 GFLOP ran on the second."""
+    import abot.optim.muon_adamw as module
+    from abot.optim.placement import MATMUL_FLOPS_PER_PARAM, leaf_streams
+
+    streams = [mx.new_stream(mx.cpu), mx.new_stream(mx.cpu)]
+    work = [0.0, 0.0]  # per stream
+    real_muon_leaf, real_adamw_leaf = module.muon_leaf, module.adamw_leaf
+
+    def muon_leaf(p, *args, **kw):
+        work[streams.index(mx.default_stream(mx.cpu))] += p.size + newton_schulz_flops(p.shape, 3) / MATMUL_FLOPS_PER_PARAM
+        return real_muon_leaf(p, *args, **kw)
+
+    def adamw_leaf(p, *args, **kw):
+        work[streams.index(mx.default_stream(mx.cpu))] += p.size
+        return real_adamw_leaf(p, *args, **kw)
+
+    monkeypatch.setattr(module, "muon_leaf", muon_leaf)
+    monkeypatch.setattr(module, "adamw_leaf", adamw_leaf)
+    block = {"wq": (256, 256), "wk": (256, 256), "wv": (256, 256), "wo": (256, 256), "w_up": (256, 1024),
+             "w_down": (1024, 256), "attn_norm": (256,), "mlp_norm": (256,)}
+    params = {"embed": mx.zeros((8000, 256)), "blocks": [{k: mx.zeros(s) for k, s in block.items()}] * 6,
+              "final_norm": mx.ones((256,))}
+    opt = muon_adamw(ns_steps=3)
+    with leaf_streams(streams):
+        opt.update(params, opt.init(params), params, mx.array(0.01))
+    wide = muon_cost(params["blocks"][0]["w_up"], 3)
+    assert abs(work[0] - work[1]) <= wide  # within one leaf's work of even
+    assert sum(work) == pytest.approx(
+        8000 * 256 + 13 * 256 + 6 * (4 * muon_cost(mx.zeros((256, 256)), 3) + 2 * wide))
 
 
 def test_muon_adamw_adamw_lr_scale_moves_only_the_adamw_leaves():

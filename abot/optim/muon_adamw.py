@@ -8,7 +8,7 @@ from mlx.utils import tree_map_with_path
 from abot.models.roles import HIDDEN, ParamRole, conventional_role
 from abot.optim.adamw import adamw_leaf, bias_corrections, check_adam_options
 from abot.optim.base import Optimizer, Tree
-from abot.optim.muon import check_muon_options, muon_leaf
+from abot.optim.muon import check_muon_options, muon_cost, muon_leaf
 from abot.optim.tree import map_leaves, zeros_like_f32
 
 def is_hidden_matrix(path: str, leaf: mx.array, param_role: ParamRole = conventional_role) -> bool:
@@ -59,7 +59,10 @@ def muon_adamw(weight_decay: float = 0.0, momentum: float = 0.95, nesterov: bool
                                  corrections, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
             return p, {"m": m, "v": v}
 
-        new_params, leaves = map_leaves(step, params, grads, state["leaves"], with_path=True)
+        def cost(path, p, g, s):
+            return muon_cost(p, ns_steps) if is_hidden_matrix(path, p, param_role) else p.size
+
+        new_params, leaves = map_leaves(step, params, grads, state["leaves"], with_path=True, cost=cost)
         return new_params, {"count": count, "leaves": leaves}
 
     return Optimizer(init, update)

@@ -26,15 +26,17 @@ def unzip(tree: Tree, n: int) -> tuple[Tree, ...]:
     return tuple(tree_map(lambda t, i=i: t[i], tree, is_leaf=_is_tuple) for i in range(n))
 
 
-def map_leaves(fn: Callable[..., tuple], *trees: Tree, with_path: bool = False) -> tuple[Tree, ...]:
+def map_leaves(fn: Callable[..., tuple], *trees: Tree, with_path: bool = False,
+               cost: Callable[..., float] | None = None) -> tuple[Tree, ...]:
     """fn over the leaves of `trees` (same structure) -> one tree per element of fn's result tuple.
 
     with_path=True passes each leaf's `tree_flatten` path ("blocks.0.wq") first. The leaves may run on
-    different cores (abot.optim.placement): a placement hint that never changes a value. `trees` must have
-    at least one leaf, whose result tells how many trees come back.
+    different cores (abot.optim.placement), balanced by `cost` (fn's arguments -> the leaf's work; default:
+    its size): a placement hint that never changes a value. `trees` must have at least one leaf, whose
+    result tells how many trees come back.
     """
     mapper = tree_map_with_path if with_path else tree_map
-    results = mapper(spread(fn), *trees)
+    results = mapper(spread(fn, cost), *trees)
     flat = tree_flatten(results, is_leaf=_is_tuple)
     if not flat:
         raise ValueError("map_leaves: the trees have no leaves")
