@@ -341,14 +341,14 @@ def test_muon_adamw_spreads_newton_schulz_work_evenly(monkeypatch):
     """tiny's tree (embedding 8000 x 256, then 6 blocks of 4 square and 2 wide matrices) over 2 streams: by size
     the embedding filled the first stream and 10.6 of Newton-Schulz's 14.1 GFLOP ran on the second."""
     import abot.optim.muon_adamw as module
-    from abot.optim.placement import MATMUL_FLOPS_PER_PARAM, leaf_streams
+    from abot.optim.placement import leaf_streams
 
     streams = [mx.new_stream(mx.cpu), mx.new_stream(mx.cpu)]
     work = [0.0, 0.0]  # per stream
     real_muon_leaf, real_adamw_leaf = module.muon_leaf, module.adamw_leaf
 
     def muon_leaf(p, *args, **kw):
-        work[streams.index(mx.default_stream(mx.cpu))] += p.size + newton_schulz_flops(p.shape, 3) / MATMUL_FLOPS_PER_PARAM
+        work[streams.index(mx.default_stream(mx.cpu))] += muon_cost(p, 3)
         return real_muon_leaf(p, *args, **kw)
 
     def adamw_leaf(p, *args, **kw):
