@@ -41,7 +41,8 @@ it is the training clock at its first evaluation at or below it (resolution: the
 Then the decisive pair, that reference and abot's best row, runs again --repeats times (default 2), alternating:
 identical runs on a shared CPU differ by 10-16% in step count from one minute to the next, which moves the
 time-to-target ratio by as much. Each pair is scored against its own reference run, and the report gives every
-pair's ratio and their median beside the plan's single verdict.
+pair's ratio and their median beside the plan's single verdict, read at the evaluations and, since one can come
+up to an interval late, linearly between the evaluation above the target and the first at or below it.
 
 Output under --out: speedrun.md (the tables), speedrun.png (loss against wall-clock, every recipe),
 speedrun.json (every evaluation of every run; --resume reuses the runs already in it).
