@@ -14,7 +14,10 @@ What it fixes, for every run alike:
   batches of `batch` windows: step k of every run reads the same tokens (faster runs read further).
 - The model: tiny's shape (6 x 256, seq 128, batch 16: 2,048 tokens a step) or --size small.
 - The clock: --minutes of training per run. It starts after one untimed warm-up step whose result is
-  dropped (MLX's compilation; torch.compile on a GPU) and stops while evaluating.
+  dropped (MLX's compilation; torch.compile on a GPU) and stops while evaluating. --steps N instead counts
+  steps (N a run): every run of a recipe then trains the same steps whatever the machine's speed, which
+  compares settings per step (a one-run sweep on the wall clock moves with the machine's drift; frameworks and
+  options that change the step's time need the wall clock).
 - The schedule: abot's `wsd` on that clock (warm-up over the first 5% of the budget, linear decay to lr/10
   over the last 20%), so every run ends its decay at the budget whatever its step time.
 - Evaluation: every budget/20 seconds of training clock (--quick: budget/10, on 16 windows) and at the end,
@@ -111,6 +114,7 @@ class Setup:
     eval_windows: int = 64  # held-out windows of seq_len + 1 tokens (at most; a whole number of batches)
     seed: int = 0
     precision: str = "float32"
+    step_clock: bool = False  # the clock counts steps, not seconds (budget_s, eval_every_s are then steps)
 
 
 @dataclass(frozen=True)
@@ -212,7 +216,8 @@ def train_for_budget(step: Callable[[np.ndarray, float], None], evaluate: Callab
     """Train until the clock passes the budget; evaluate at 0, every eval_every_s and at the end.
 
     `step(batch, lr)` returns when the update is done (synchronised); the clock excludes `evaluate`. A non-finite
-    held-out loss ends the run early (a diverged learning rate).
+    held-out loss ends the run early (a diverged learning rate). With `setup.step_clock` each step counts 1: the
+    same recipe then trains the same steps on any machine, so settings compare per step, free of its drift.
     """
     batches = train_batches(load_split(setup.shards, "train"), setup.seq_len, setup.batch, setup.seed)
     lr_at = clock_schedule(recipe.lr, setup.budget_s, recipe.decay)
@@ -222,7 +227,7 @@ def train_for_budget(step: Callable[[np.ndarray, float], None], evaluate: Callab
     while clock < setup.budget_s and math.isfinite(evals[-1]["loss"]):
         t0 = time.perf_counter()
         step(next(batches), lr_at(clock))
-        clock += time.perf_counter() - t0
+        clock += 1.0 if setup.step_clock else time.perf_counter() - t0
         steps += 1
         if clock >= next_eval or clock >= setup.budget_s:
             evals.append({"time_s": clock, "step": steps, "tokens": steps * tokens_per_step, "loss": evaluate()})
@@ -525,13 +530,17 @@ def fmt_ratio(ratio: float) -> str:
     return "never" if math.isinf(ratio) else f"{ratio:.2f}x"
 
 
-def fmt_time(t: float | None) -> str:
-    return "never" if t is None else f"{t:.0f} s" if t >= 10 else f"{t:.1f} s"
+def clock_unit(setup: dict) -> str:
+    return "steps" if setup.get("step_clock") else "s"
+
+
+def fmt_time(t: float | None, unit: str = "s") -> str:
+    return "never" if t is None else f"{t:.0f} {unit}" if t >= 10 or unit != "s" else f"{t:.1f} {unit}"
 
 
 def results_table(report: dict) -> list[str]:
     """The main table: one row per recipe, the target, abot's best against the reference."""
-    rows, results = report["rows"], report["results"]
+    rows, results, unit = report["rows"], report["results"], clock_unit(report["setup"])
     ref, target = reference_and_target(rows, results)
     ref_time = time_to(results[ref], target)
     lines = [f"Target: {target:.3f}, the final held-out loss of {ref} ({Recipe(**_as_tuples(rows[ref])).label()}).",
@@ -541,10 +550,11 @@ def results_table(report: dict) -> list[str]:
         r, t = results[name], time_to(results[name], target)
         ratio = f"{t / ref_time:.2f}x" if t is not None and ref_time else "-"
         lines.append(f"| {name} | {Recipe(**_as_tuples(recipe)).label()} | {r.get('steps', 0):,} | "
-                     f"{r.get('tokens', 0):,} | {score(r):.3f} | {fmt_time(t)} | {ratio} | {fmt_share(r)} |")
+                     f"{r.get('tokens', 0):,} | {score(r):.3f} | {fmt_time(t, unit)} | {ratio} | {fmt_share(r)} |")
     best = best_abot(rows, results, target)
     t = time_to(results[best], target)
-    verdict = (f"{t / ref_time:.2f}x the reference's wall-clock (issue 23's target: <= 0.60x)" if t is not None
+    measure = "steps (a per-step comparison)" if unit == "steps" else "wall-clock (issue 23's target: <= 0.60x)"
+    verdict = (f"{t / ref_time:.2f}x the reference's {measure}" if t is not None
                and ref_time else f"does not reach it (final {score(results[best]):.3f})")
     return lines + ["", f"abot's best, {best}: {verdict}."]
 
@@ -566,11 +576,11 @@ def repeats_table(report: dict) -> list[str]:
              "its own reference run (pair 1: the plan's runs).", "",
              "| pair | reference final | reference steps | abot steps | abot reaches it at | vs the reference "
              "| read between evaluations |", "|---|---|---|---|---|---|---|"]
-    ratios = [pair_ratio(ref, abot) for ref, abot in rep["pairs"]]
+    ratios, unit = [pair_ratio(ref, abot) for ref, abot in rep["pairs"]], clock_unit(report["setup"])
     between = [pair_ratio(ref, abot, crossing_time) for ref, abot in rep["pairs"]]
     for i, ((ref, abot), ratio, linear) in enumerate(zip(rep["pairs"], ratios, between), 1):
         lines.append(f"| {i} | {score(ref):.3f} | {ref.get('steps', 0)} | {abot.get('steps', 0)} | "
-                     f"{fmt_time(time_to(abot, score(ref)))} | {fmt_ratio(ratio)} | {fmt_ratio(linear)} |")
+                     f"{fmt_time(time_to(abot, score(ref)), unit)} | {fmt_ratio(ratio)} | {fmt_ratio(linear)} |")
     return lines + ["", f"Median of the {len(ratios)} pairs: {fmt_ratio(statistics.median(ratios))} "
                         f"(issue 23's target: <= 0.60x); read between evaluations: "
                         f"{fmt_ratio(statistics.median(between))}."]
@@ -613,9 +623,10 @@ def plot(report: dict, path: Path) -> None:
     if losses:
         ax.set_ylim(min(losses) - 0.05, np.percentile(losses, 90) + 0.2)
     s = report["setup"]
-    ax.set(xlabel="training wall-clock (s)", ylabel="held-out loss",
+    unit = clock_unit(s)
+    ax.set(xlabel="training steps" if unit == "steps" else "training wall-clock (s)", ylabel="held-out loss",
            title=f"Time to quality: d{s['d_model']}x{s['n_layers']}, seq {s['seq_len']}, batch {s['batch']}, "
-                 f"{s['budget_s']:g} s per run")
+                 f"{s['budget_s']:g} {unit} per run")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -626,9 +637,10 @@ def plot(report: dict, path: Path) -> None:
 def write_report(report: dict, out: Path) -> None:
     """speedrun.md and speedrun.png from the report's JSON (also `--report`)."""
     s = report["setup"]
+    unit = clock_unit(s)
     head = [f"# Speedrun: d{s['d_model']}x{s['n_layers']}, {s['n_heads']} heads, seq {s['seq_len']}, batch "
-            f"{s['batch']}, vocab {VOCAB}, {s['budget_s']:g} s of training per run, held-out loss every "
-            f"{s['eval_every_s']:g} s" + (" (a quick check, not a result)" if report.get("quick") else ""), ""]
+            f"{s['batch']}, vocab {VOCAB}, {s['budget_s']:g} {unit} of training per run, held-out loss every "
+            f"{s['eval_every_s']:g} {unit}" + (" (a quick check, not a result)" if report.get("quick") else ""), ""]
     repeats = repeats_table(report)
     text = "\n".join(head + results_table(report) + ([""] + repeats if repeats else []) + ["", "Sweeps:", ""]
                      + sweeps_table(report)) + "\n"
@@ -671,7 +683,7 @@ def known_runs(path: Path, setup: Setup) -> dict:
     if not path.is_file():
         return {}
     old = json.loads(path.read_text())
-    if old.get("setup") != asdict(setup):
+    if {"step_clock": False, **old.get("setup", {})} != asdict(setup):  # runs from before --steps: the wall clock
         print(f"{path}: another setup; not resuming from it")
         return {}
     return {recipe_from_dict(run.pop("recipe")): run for run in old["runs"] if "error" not in run}
@@ -681,6 +693,9 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=["tiny", "small"], default="tiny")
     parser.add_argument("--minutes", type=float, default=None, help="training clock per run (default 10; quick 0.1)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="a clock of this many steps a run instead of minutes: settings compared per step, "
+                             "free of the machine's drift (not frameworks: their step times differ); no repeated pairs")
     parser.add_argument("--quick", action="store_true", help="toy shape (d64 x2, seq 64), 6 s runs, 2-point sweeps")
     parser.add_argument("--work", default="~/.cache/abot/speedrun", help="where the tokenizer and shards are kept")
     parser.add_argument("--out", default=None, help="output folder (default: WORK/out-SIZE or WORK/out-quick)")
@@ -705,23 +720,27 @@ def main() -> None:
     out = Path(args.out) if args.out else work / f"out-{label}"
     out.mkdir(parents=True, exist_ok=True)
     d, layers, heads, seq, batch = SIZES[label]
-    budget = 60 * (args.minutes if args.minutes is not None else 0.1 if args.quick else 10.0)
+    if args.steps is not None and (args.minutes is not None or args.steps < 1):
+        raise SystemExit("--steps N (N >= 1) replaces --minutes' clock by N steps a run: give one of the two")
+    budget = args.steps or 60 * (args.minutes if args.minutes is not None else 0.1 if args.quick else 10.0)
     evals, windows = (10, 16) if args.quick else (20, 64)  # the quick check evaluates less (its runs are short)
     setup = Setup(str(prepare_data(work)), d, layers, heads, seq, batch, budget, budget / evals, windows,
-                  precision=args.precision)
+                  precision=args.precision, step_clock=args.steps is not None)
     path, rows = out / "speedrun.json", {}
     runner = Runner(setup, lambda: save_json(path, runner, rows, args.quick),
                     known_runs(path, setup) if args.resume else None)
     grids = QUICK_GRIDS if args.quick else FULL_GRIDS
     # adamw_lr_scale 1, ns_steps 5 and b1 0.9 are runs of the sweeps before them; decay 0.2 is the combination's run
+    repeat = 0 if setup.step_clock else args.repeats  # on a step clock a run again is the same run
     n = (sum(len(g) for k, g in grids.items() if k != "clock") - 3 + len(ARCH_OPTIONS) + len(grids["clock"])
-         + 2 * args.repeats)
-    print(f"Speedrun {label}: d{d}x{layers}, seq {seq}, batch {batch}, {budget:g} s per run; about {n} runs "
-          f"(more where a sweep is extended): about {n * budget / 60:.0f} minutes of training plus start-up "
-          "and evaluation")
+         + 2 * repeat)
+    length = ("" if setup.step_clock else f": about {n * budget / 60:.0f} minutes of training plus start-up "
+              "and evaluation")
+    print(f"Speedrun {label}: d{d}x{layers}, seq {seq}, batch {batch}, {budget:g} {clock_unit(asdict(setup))} per "
+          f"run; about {n} runs (more where a sweep is extended){length}")
     rows.update(run_plan(runner, grids))
     save_json(path, runner, rows, args.quick)
-    repeats = run_repeats(runner, json.loads(path.read_text()), args.repeats)
+    repeats = run_repeats(runner, json.loads(path.read_text()), repeat)
     save_json(path, runner, rows, args.quick, repeats)
     write_report(json.loads(path.read_text()), out)
 

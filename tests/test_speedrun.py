@@ -56,6 +56,26 @@ def test_eval_windows_are_whole_batches_of_disjoint_windows():
         speedrun.eval_windows(np.arange(20), 15, 4, most=8)
 
 
+def test_a_step_clock_trains_the_budget_in_steps_whatever_the_step_time(tmp_path):
+    """--steps: each step counts 1 on the clock, so the run's steps, evaluations and lr do not depend on timing."""
+    folder = write_shards(tmp_path / "s", np.arange(1000) % 500, np.arange(300))
+    setup = speedrun.Setup(str(folder), 8, 1, 1, 16, 4, budget_s=20.0, eval_every_s=5.0, step_clock=True)
+    recipe = speedrun.Recipe("abot", "muon_adamw", 1e-2)
+    lrs = []
+
+    def step(batch, lr):
+        time.sleep(0.002 * (len(lrs) % 3))  # uneven step times: a wall clock would end elsewhere
+        lrs.append(lr)
+
+    result = speedrun.train_for_budget(step, lambda: 1.0, setup, recipe)
+    assert result["steps"] == 20 and len(lrs) == 20
+    assert [(e["time_s"], e["step"]) for e in result["evals"]] == [(0.0, 0), (5.0, 5), (10.0, 10), (15.0, 15),
+                                                                  (20.0, 20)]
+    assert lrs == [speedrun.clock_schedule(1e-2, 20.0)(float(k)) for k in range(20)]
+    assert speedrun.fmt_time(15.0, speedrun.clock_unit(dataclasses.asdict(setup))) == "15 steps"
+    assert speedrun.fmt_time(7.5) == "7.5 s"
+
+
 def test_clock_schedule_is_wsd_over_the_budget():
     lr_at = speedrun.clock_schedule(1e-2, budget_s=100.0)
     grid = speedrun.SCHEDULE_GRID
