@@ -731,16 +731,16 @@ def main() -> None:
                     known_runs(path, setup) if args.resume else None)
     grids = QUICK_GRIDS if args.quick else FULL_GRIDS
     # adamw_lr_scale 1, ns_steps 5 and b1 0.9 are runs of the sweeps before them; decay 0.2 is the combination's run
-    repeat = 0 if setup.step_clock else args.repeats  # on a step clock a run again is the same run
+    n_repeats = 0 if setup.step_clock else args.repeats  # on a step clock a run again is the same run
     n = (sum(len(g) for k, g in grids.items() if k != "clock") - 3 + len(ARCH_OPTIONS) + len(grids["clock"])
-         + 2 * repeat)
+         + 2 * n_repeats)
     length = ("" if setup.step_clock else f": about {n * budget / 60:.0f} minutes of training plus start-up "
               "and evaluation")
     print(f"Speedrun {label}: d{d}x{layers}, seq {seq}, batch {batch}, {budget:g} {clock_unit(asdict(setup))} per "
           f"run; about {n} runs (more where a sweep is extended){length}")
     rows.update(run_plan(runner, grids))
     save_json(path, runner, rows, args.quick)
-    repeats = run_repeats(runner, json.loads(path.read_text()), repeat)
+    repeats = run_repeats(runner, json.loads(path.read_text()), n_repeats)
     save_json(path, runner, rows, args.quick, repeats)
     write_report(json.loads(path.read_text()), out)
 
