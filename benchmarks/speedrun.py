@@ -36,10 +36,14 @@ knobs); on the better of abot's two, each architecture option alone; then the op
 the share of its clock spent in the final decay swept (0.2, 0.4, 0.8; where a longer decay won, the stronger
 PyTorch reference again with the same decay); then that combination on shorter clocks (--minutes x 0.6, 0.7, 0.8,
 its whole schedule over each), since a recipe that runs its decay over the full budget crosses the target only
-inside that decay. A sweep whose best value is at its edge is extended one step. Each run is its own process (MLX
-fixes its evaluation order at its first evaluation, see benchmarks/train_speed.py's `bench_in_child`); the PyTorch
-processes never import abot. The target is the stronger PyTorch reference's final held-out loss; a recipe's time to
-it is the training clock at its first evaluation at or below it (resolution: the evaluation interval).
+inside that decay. A sweep whose best value is at its edge is extended one step. The sweeps of settings that
+leave a step's time alone (the learning rates, adamw_lr_scale, b1, the decay) compare per step: their anchor (the
+middle lr, scale 1, b1 0.9, decay 0.2) runs on the clock, the other values on a clock of the steps it made, and the
+best runs on the clock again for the rows after it; frameworks, ns_steps and the architecture options change the
+step's time and compare on the clock. Each run is its own process (MLX fixes its evaluation order at its first
+evaluation, see benchmarks/train_speed.py's `bench_in_child`); the PyTorch processes never import abot. The target
+is the stronger PyTorch reference's final held-out loss; a recipe's time to it is the training clock at its first
+evaluation at or below it (resolution: the evaluation interval).
 
 Then the decisive pair, that reference and abot's best row, runs again --repeats times (default 2), alternating:
 identical runs on a shared CPU differ by 10-16% in step count from one minute to the next, which moves the
@@ -129,6 +133,7 @@ class Recipe:
     clock: float = 1.0  # the fraction of the budget this run trains for, its whole schedule laid over it
     decay: float = DECAY_FRACTION  # the fraction of its clock spent in wsd's final linear decay
     repeat: int = 0  # > 0: the same run again (only the machine's timing differs), for the repeated pairs
+    steps: int = 0  # > 0: a clock of this many steps, not the setup's (a point of a per-step sweep)
 
     def label(self) -> str:
         """A short human name: 'abot muon_adamw lr 8e-3, adamw_lr_scale 2, +qk_norm, 0.7x clock'."""
@@ -138,7 +143,8 @@ class Recipe:
         return (f"{name} {self.optimizer} " + ", ".join(parts) + "".join(f", +{o}" for o in options)
                 + (f", decay {self.decay:g}" if self.decay != DECAY_FRACTION else "")
                 + (f", {self.clock:g}x clock" if self.clock != 1.0 else "")
-                + (f", repeat {self.repeat}" if self.repeat else ""))
+                + (f", repeat {self.repeat}" if self.repeat else "")
+                + (f", {self.steps}-step clock" if self.steps else ""))
 
     def with_options(self, **options) -> Recipe:
         return replace(self, model=tuple(sorted({**dict(self.model), **options}.items())))
@@ -150,7 +156,7 @@ class Recipe:
 def recipe_from_dict(d: dict) -> Recipe:
     return Recipe(d["framework"], d["optimizer"], d["lr"], tuple(tuple(p) for p in d["optimizer_args"]),
                   tuple(tuple(p) for p in d["model"]), d.get("clock", 1.0), d.get("decay", DECAY_FRACTION),
-                  d.get("repeat", 0))
+                  d.get("repeat", 0), d.get("steps", 0))
 
 
 # --- data: numpy only (the PyTorch processes must not import abot) ------------------------------------------
@@ -362,6 +368,9 @@ def run_in_child(recipe: Recipe, setup: Setup) -> dict:
 def child_main(job: str) -> None:
     spec = json.loads(job)
     recipe, setup = recipe_from_dict(spec["recipe"]), Setup(**spec["setup"])
+    if recipe.steps:  # the same number of evaluations over its steps
+        setup = replace(setup, step_clock=True, budget_s=recipe.steps,
+                        eval_every_s=recipe.steps * setup.eval_every_s / setup.budget_s)
     setup = replace(setup, budget_s=setup.budget_s * recipe.clock)  # same evaluation interval
     result = (abot_run if recipe.framework == "abot" else torch_run)(recipe, setup)
     print(json.dumps(result))
@@ -396,11 +405,23 @@ class Runner:
             self.save()
         return self.runs[recipe]
 
-    def sweep(self, name: str, grid: list[float], make: Callable[[float], Recipe], most: float = math.inf) -> Recipe:
+    def sweep(self, name: str, grid: list[float], make: Callable[[float], Recipe], most: float = math.inf,
+              anchor: float | None = None) -> Recipe:
         """Run `make(v)` for v in `grid`; extend one step past an edge holding the best (rounded, at least 1,
-        for a grid of integers; not past `most`); the best recipe."""
+        for a grid of integers; not past `most`); the best recipe, run on the setup's clock.
+
+        With `anchor` (a value of the grid; for settings that leave a step's time as it is) the other values run
+        on a clock of the steps the anchor's run made on the setup's: the sweep then compares per step. On a wall
+        clock, identical runs here differ by 10-16% in steps, a step is worth about 0.006 of loss at the end,
+        and a one-run sweep read off the wall clock chose b1 0.9, which loses per step (README, "Speedrun")."""
         values = sorted(grid)
-        losses = {v: score(self(make(v))) for v in values}
+        anchored = self(make(anchor)) if anchor is not None and not self.setup.step_clock else {}
+        steps = anchored.get("steps", 0) if math.isfinite(score(anchored)) else 0  # a diverged anchor: the clock
+
+        def point(v: float) -> Recipe:
+            return replace(make(v), steps=steps) if steps and v != anchor else make(v)
+
+        losses = {v: score(self(point(v))) for v in values}
         best, extended = min(values, key=losses.get), None
         if len(values) > 1 and best in (values[0], values[-1]):
             ratio = values[1] / values[0] if best == values[0] else values[-1] / values[-2]
@@ -408,34 +429,39 @@ class Runner:
             if all(isinstance(v, int) for v in values):
                 extended = max(1, round(extended))
             if extended not in losses and extended <= most:
-                losses[extended] = score(self(make(extended)))
+                losses[extended] = score(self(point(extended)))
                 best = min(losses, key=losses.get)
             else:
                 extended = None
-        self.sweeps.append({"name": name, "points": [[v, losses[v], asdict(make(v))] for v in sorted(losses)],
-                            "best": best, "extended_to": extended,
+        self.sweeps.append({"name": name, "points": [[v, losses[v], asdict(point(v))] for v in sorted(losses)],
+                            "best": best, "extended_to": extended, "steps": steps or None,
                             "best_at_edge": best in (min(losses), max(losses)) and len(losses) > 1})
+        self(make(best))  # a per-step point that won: its run on the clock, for the rows and the sweeps after
         return make(best)
 
 
 def run_plan(runner: Runner, grids: dict) -> dict[str, Recipe]:
-    """Every recipe of issue 23, in order; the rows of the table, name -> recipe."""
+    """Every recipe of issue 23, in order; the rows of the table, name -> recipe. Sweeps of settings that leave
+    a step's time alone (learning rates, b1, the decay) compare per step, around an anchor run on the clock;
+    frameworks, ns_steps and the architecture options change the step's time and compare on the clock."""
     rows: dict[str, Recipe] = {}
-    rows["PyTorch AdamW"] = runner.sweep("PyTorch AdamW lr", grids["torch_adamw"],
-                                         lambda lr: Recipe("torch", "adamw", lr))
-    rows["PyTorch Muon + AdamW"] = runner.sweep("PyTorch Muon lr", grids["torch_muon"],
-                                                lambda lr: Recipe("torch", "muon", lr))
-    rows["abot adamw"] = runner.sweep("abot adamw lr", grids["abot_adamw"], lambda lr: Recipe("abot", "adamw", lr))
-    muon = runner.sweep("abot muon_adamw lr", grids["abot_muon"],  # at adamw_lr_scale 1, the scale sweep's 1
-                        lambda lr: Recipe("abot", "muon_adamw", lr).with_optimizer_args(adamw_lr_scale=1.0))
+
+    def lr_sweep(name: str, grid: list[float], make: Callable[[float], Recipe]) -> Recipe:
+        return runner.sweep(f"{name} lr", grid, make, anchor=sorted(grid)[len(grid) // 2])
+
+    rows["PyTorch AdamW"] = lr_sweep("PyTorch AdamW", grids["torch_adamw"], lambda lr: Recipe("torch", "adamw", lr))
+    rows["PyTorch Muon + AdamW"] = lr_sweep("PyTorch Muon", grids["torch_muon"], lambda lr: Recipe("torch", "muon", lr))
+    rows["abot adamw"] = lr_sweep("abot adamw", grids["abot_adamw"], lambda lr: Recipe("abot", "adamw", lr))
+    muon = lr_sweep("abot muon_adamw", grids["abot_muon"],  # at adamw_lr_scale 1, the scale sweep's 1
+                    lambda lr: Recipe("abot", "muon_adamw", lr).with_optimizer_args(adamw_lr_scale=1.0))
     scaled = runner.sweep("abot muon_adamw adamw_lr_scale", grids["adamw_lr_scale"],
-                          lambda s: muon.with_optimizer_args(adamw_lr_scale=s))
+                          lambda s: muon.with_optimizer_args(adamw_lr_scale=s), anchor=1.0)
     # Fewer Newton-Schulz steps: cheaper steps, rougher orthogonalisation. The default is the scale sweep's run.
     ns = runner.sweep("abot muon_adamw ns_steps", grids["ns_steps"],
                       lambda n: scaled if n == NS_STEPS else scaled.with_optimizer_args(ns_steps=n))
     # AdamW's b1 on the embeddings and gains (modded-nanogpt runs 0.8): a shorter memory for a short run.
     rows["abot muon_adamw"] = runner.sweep("abot muon_adamw b1", grids["b1"], lambda b: ns if b == B1
-                                           else ns.with_optimizer_args(b1=b), most=0.99)
+                                           else ns.with_optimizer_args(b1=b), most=0.99, anchor=B1)
     # PyTorch's Muon recipe has both knobs: where abot's sweeps moved one, the reference runs with it too (one
     # knob more per row, at its own best lr); the stronger of its rows sets the target.
     name, reference = "PyTorch Muon + AdamW", rows["PyTorch Muon + AdamW"]
@@ -457,7 +483,8 @@ def run_plan(runner: Runner, grids: dict) -> dict[str, Recipe]:
     # The share of the clock in the final decay (the default is the combination's own run); where a longer one
     # wins, the stronger PyTorch reference runs with it too, so the target moves with the schedule.
     rows["abot best combination"] = runner.sweep("abot best combination decay", grids["decay"],
-                                                 lambda d: replace(combination, decay=d), most=1.0)
+                                                 lambda d: replace(combination, decay=d), most=1.0,
+                                                 anchor=DECAY_FRACTION)
     decay = rows["abot best combination"].decay
     if decay != DECAY_FRACTION:
         ref = min((n for n, r in rows.items() if r.framework == "torch"), key=lambda n: score(runner(rows[n])))
@@ -593,7 +620,8 @@ def sweeps_table(report: dict) -> list[str]:
             edge = "" if not s["best_at_edge"] else " (at the edge after extending)" if s["extended_to"] is not None \
                 else " (at the edge: extending it would pass the limit)"
             mark = f"best{edge}" if value == s["best"] else "extension" if value == s["extended_to"] else ""
-            lines.append(f"| {s['name']} | {value:g} | {loss:.3f} | {mark} |")
+            per_step = f" (per step: {s['steps']} steps)" if s.get("steps") else ""
+            lines.append(f"| {s['name']}{per_step} | {value:g} | {loss:.3f} | {mark} |")
     return lines
 
 
@@ -737,7 +765,8 @@ def main() -> None:
     length = ("" if setup.step_clock else f": about {n * budget / 60:.0f} minutes of training plus start-up "
               "and evaluation")
     print(f"Speedrun {label}: d{d}x{layers}, seq {seq}, batch {batch}, {budget:g} {clock_unit(asdict(setup))} per "
-          f"run; about {n} runs (more where a sweep is extended){length}")
+          f"run; about {n} runs (up to 7 more where a per-step sweep's best runs on the clock, more where a sweep "
+          f"is extended){length}")
     rows.update(run_plan(runner, grids))
     save_json(path, runner, rows, args.quick)
     repeats = run_repeats(runner, json.loads(path.read_text()), n_repeats)

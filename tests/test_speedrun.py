@@ -125,6 +125,35 @@ def test_sweep_counts_a_diverged_run_as_worst(monkeypatch):
     assert best.lr == pytest.approx(1e-3)  # extended below the edge, where the loss is lower still
 
 
+def test_a_per_step_sweep_trains_its_anchors_steps_and_runs_its_best_on_the_clock(monkeypatch):
+    """A setting that leaves a step's time alone compares per step: every value but the anchor trains the steps
+    the anchor's run made on the clock, then the best runs on the clock (the row the plan goes on with)."""
+    seen = []
+
+    def sweep(setup, loss_of_lr):
+        def run_in_child(recipe, setup):
+            seen.append((recipe.lr, recipe.steps))
+            return {"final_loss": loss_of_lr(recipe.lr), "steps": recipe.steps or 37, "evals": []}
+
+        monkeypatch.setattr(speedrun, "run_in_child", run_in_child)
+        seen.clear()
+        runner = speedrun.Runner(setup, save=lambda: None)
+        best = runner.sweep("lr", [1e-3, 2e-3, 4e-3], lambda lr: speedrun.Recipe("abot", "adamw", lr), anchor=4e-3)
+        return best, runner.sweeps[-1]
+
+    wall = speedrun.Setup("shards", 64, 2, 4, 64, 8, 6.0, 0.6)
+    best, record = sweep(wall, lambda lr: 5.0 + abs(math.log2(lr / 2e-3)))  # best at 2e-3
+    assert best == speedrun.Recipe("abot", "adamw", 2e-3)
+    assert seen == [(4e-3, 0), (1e-3, 37), (2e-3, 37), (2e-3, 0)]
+    assert record["steps"] == 37 and [p[2]["steps"] for p in record["points"]] == [37, 37, 0]
+    # A diverged anchor gives no step count: the sweep runs on the clock.
+    best, record = sweep(wall, lambda lr: math.nan if lr > 3e-3 else 5.0 + abs(math.log2(lr / 2e-3)))
+    assert best.lr == 2e-3 and seen == [(4e-3, 0), (1e-3, 0), (2e-3, 0)] and record["steps"] is None
+    # On a clock of steps already (--steps), every run compares per step: no anchor first, no second run.
+    best, record = sweep(dataclasses.replace(wall, step_clock=True), lambda lr: 5.0 + abs(math.log2(lr / 2e-3)))
+    assert best.lr == 2e-3 and seen == [(1e-3, 0), (2e-3, 0), (4e-3, 0)] and record["steps"] is None
+
+
 def test_plan_and_report(monkeypatch, tmp_path):
     """The whole plan on fake runs: every row, the combination of the options that helped, the table, the plot."""
     def loss(r):
@@ -151,6 +180,9 @@ def test_plan_and_report(monkeypatch, tmp_path):
     b1_sweep = next(s for s in runner.sweeps if s["name"] == "abot muon_adamw b1")
     assert [p[0] for p in b1_sweep["points"]] == pytest.approx([0.8 ** 2 / 0.9, 0.8, 0.9])
     assert dict(rows["abot muon_adamw"].optimizer_args)["b1"] == pytest.approx(0.8 ** 2 / 0.9)
+    # b1 leaves a step's time alone: compared per step on the anchor's (0.9's) 10 steps, then the best on the clock.
+    assert [p[2]["steps"] for p in b1_sweep["points"]] == [10, 10, 0] and rows["abot muon_adamw"].steps == 0
+    assert [p[2]["steps"] for p in ns_sweep["points"]] == [0, 0, 0]  # ns_steps changes it: on the clock
     # ns_steps 3, then that b1, won abot's sweeps, so PyTorch's Muon runs with each in turn, at its own best lr;
     # the one with both is the stronger reference here.
     torch_3 = rows["PyTorch Muon + AdamW, ns_steps 3"]
@@ -169,7 +201,8 @@ def test_plan_and_report(monkeypatch, tmp_path):
     table = "\n".join(speedrun.results_table(report))
     assert "abot's best, abot best combination" in table and "| PyTorch AdamW |" in table
     sweeps = "\n".join(speedrun.sweeps_table(report))
-    assert "| abot best combination decay | 0.8 | 4.127 | best (at the edge after extending) |" in sweeps
+    assert "| abot best combination decay (per step: 10 steps) | 0.8 | 4.127 | best (at the edge after extending) |" \
+        in sweeps
     assert speedrun.known_runs(path, runner.setup).keys() == runner.runs.keys()  # --resume finds every run
     pytest.importorskip("matplotlib")  # a benchmark dependency, not a test one
     speedrun.write_report(report, tmp_path)
@@ -255,5 +288,10 @@ def test_a_shorter_clock_shortens_the_childs_budget_and_keeps_the_eval_interval(
     assert (seen["setup"].budget_s, seen["setup"].eval_every_s) == (pytest.approx(42.0), 3.0)
     assert recipe.label() == "abot adamw lr 0.001, 0.7x clock"
     assert dataclasses.replace(recipe, decay=0.4).label() == "abot adamw lr 0.001, decay 0.4, 0.7x clock"
-    old = {k: v for k, v in dataclasses.asdict(recipe).items() if k not in ("clock", "decay")}  # JSON before them
-    assert (speedrun.recipe_from_dict(old).clock, speedrun.recipe_from_dict(old).decay) == (1.0, 0.2)
+    old = {k: v for k, v in dataclasses.asdict(recipe).items() if k not in ("clock", "decay", "steps")}
+    assert (speedrun.recipe_from_dict(old).clock, speedrun.recipe_from_dict(old).decay) == (1.0, 0.2)  # older JSON
+    # A per-step sweep's point: a clock of its steps, with as many evaluations as the setup's clock (60 / 3).
+    per_step = dataclasses.replace(recipe, clock=1.0, steps=40)
+    speedrun.child_main(json.dumps({"recipe": dataclasses.asdict(per_step), "setup": dataclasses.asdict(setup)}))
+    assert seen["setup"].step_clock and (seen["setup"].budget_s, seen["setup"].eval_every_s) == (40, 2.0)
+    assert per_step.label() == "abot adamw lr 0.001, 40-step clock"
